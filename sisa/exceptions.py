@@ -1,0 +1,91 @@
+"""The exceptions sisa raises.
+
+Every error derives from :class:`SisaError`, and each subclass also inherits the builtin it stands in for, so
+``except KeyError`` keeps working for callers who do not know sisa (``UnknownRecordError(SisaError, KeyError)``).
+The CLI turns any ``SisaError`` into a one-line message on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class SisaError(Exception):
+    """Base class of every error raised by sisa."""
+
+    exit_code = 1
+
+
+def _bullets(problems: Iterable[str]) -> str:
+    return "\n".join(f"  - {p}" for p in problems)
+
+
+class ConfigError(SisaError, ValueError):
+    """The configuration is invalid. Lists every problem at once."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+        else:
+            super().__init__(f"invalid configuration ({len(self.problems)} problems):\n{_bullets(self.problems)}")
+
+
+class DataError(SisaError, ValueError):
+    """An input table is unusable (duplicate/missing IDs, NaN labels, non-numeric features...)."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(f"{source}: {self.problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(self.problems)} problems:\n{_bullets(self.problems)}")
+
+
+class UnknownRecordError(SisaError, KeyError):
+    """Some requested record (or subject) IDs are not in the run's index. Nothing was changed."""
+
+    exit_code = 3
+
+    def __init__(self, ids: list, kind: str = "record"):
+        self.ids = list(ids)
+        self.kind = kind
+        shown = ", ".join(repr(i) for i in self.ids[:20])
+        more = f" (and {len(self.ids) - 20} more)" if len(self.ids) > 20 else ""
+        super().__init__(f"unknown {kind} IDs, nothing was changed: {shown}{more}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class RunStateError(SisaError, RuntimeError):
+    """The run directory is missing, incomplete or in a state that does not allow the operation."""
+
+
+class RunLockedError(RunStateError):
+    """Another process holds the run's writer lock."""
+
+    exit_code = 4
+
+
+class IntegrityError(SisaError, RuntimeError):
+    """A file in the run directory failed its checksum or is truncated. Never silently used."""
+
+    exit_code = 5
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        super().__init__(f"integrity check failed for {self.path}: {reason} (run `sisa repair` to rebuild it)")
+
+
+class IncompatibleCheckpointError(SisaError, RuntimeError):
+    """Checkpoints made under different device / torch build / executor cannot be compared bit for bit."""
+
+
+class AuthError(SisaError, PermissionError):
+    """A request lacked the credentials an operation needs (serving)."""

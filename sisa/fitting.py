@@ -1,0 +1,199 @@
+"""Building a run from a table, and bringing a run's checkpoints in line with its data.
+
+:func:`refresh` is the one mechanism behind training, resuming an interrupted training, deletion, crash
+recovery and repair: it recomputes each shard's fingerprint chain from the stored shard data, trains every shard
+from the first slice whose checkpoint (named by its fingerprint) is missing, swaps in a new manifest generation,
+and only then deletes every checkpoint folder that the new generation does not name — which includes each
+checkpoint that was trained on a deleted record.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .aggregation import Ensemble
+from .checkpoints import checkpoint_name, fingerprint_chain, is_complete
+from .config import Config
+from .executors import run_jobs
+from .index import RecordIndex
+from .rundir import RunDir, shard_data
+from .sharding import place
+from .storage import clean_temp_files, remove_tree, sha256_file, writer_lock
+from .tables import Table, read_table, validate_table
+from .training import ShardData, ShardJob, ShardResult, TrainSpec, resolve_device
+
+
+@dataclass
+class RefreshReport:
+    generation: int
+    jobs: list[ShardJob] = field(default_factory=list)
+    results: list[ShardResult] = field(default_factory=list)
+    before: dict[int, str] = field(default_factory=dict)  # shard -> last fingerprint before
+    after: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def load_training_table(config: Config) -> Table:
+    if not config.data.train:
+        from .exceptions import ConfigError
+
+        raise ConfigError(["data.train: no training table given; set data.train in the config or pass data"])
+    df = read_table(config.data.train)
+    return validate_table(df, config.data, config.data.train, classes=config.data.classes)
+
+
+def resolve_config(config: Config, table: Table) -> Config:
+    """Freeze what training decides: class list, feature names, device and executor."""
+    from .stacking import choose_executor
+
+    resolved = Config.from_dict(config.to_dict())
+    resolved.data.classes = list(table.classes)
+    resolved.data.features = list(table.feature_names)
+    resolved.training.device = resolve_device(config.training.device)
+    resolved.training.executor = choose_executor(resolved)
+    resolved.validate()
+    return resolved
+
+
+def create_run(root: str | Path, config: Config, table: Table, placement: pd.DataFrame | None = None) -> RunDir:
+    """Lay out a new run: resolved config, secret, index and per-shard data files (no training yet).
+
+    ``placement`` (shard/slice/order per row) reuses a persisted placement, e.g. to retrain a ``stratified`` run
+    from scratch with the same index minus some records.
+    """
+    run = RunDir(root)
+    config = resolve_config(config, table)
+    run.create(config)
+    keys = table.subjects if table.subjects is not None else table.ids
+    if placement is None:
+        placement = place(keys, table.ids, shards=config.sharding.shards, slices=config.sharding.slices,
+                          seed=config.training.seed, strategy=config.sharding.strategy, labels=table.labels,
+                          deletion_prob=table.deletion_prob)
+    index = RecordIndex.build(table.ids, placement, table.subjects)
+    run.write_index(index)
+    frame = table.frame()
+    frame["_slice"] = placement["slice"].to_numpy(np.int32)
+    frame["_order"] = placement["order"].to_numpy(np.uint64)
+    frame = frame[["_record_id", "_label", "_slice", "_order", *table.feature_names]]
+    shard_of = placement["shard"].to_numpy()
+    for s in range(config.sharding.shards):
+        part = frame.loc[shard_of == s]
+        part = part.sort_values(["_slice", "_order", "_record_id"], kind="stable").reset_index(drop=True)
+        run.write_shard_frame(s, part)
+    return run
+
+
+def train_spec(run: RunDir, config: Config) -> TrainSpec:
+    return TrainSpec(config=config, n_features=len(config.data.features), n_classes=len(config.data.classes),
+                     config_digest=config.digest(), checkpoint_root=str(run.checkpoint_root),
+                     device=config.training.device)
+
+
+def plan(run: RunDir, config: Config, shards: list[int]) -> tuple[list[ShardJob], dict[int, ShardData], dict]:
+    """Jobs for the shards whose checkpoint chain is incomplete, their data, and their chains/checksums."""
+    digest, R = config.digest(), config.sharding.slices
+    jobs, data, chains = [], {}, {}
+    for s in shards:
+        frame = run.shard_frame(s, verify=False)
+        d = shard_data(frame, config.data.features, R)
+        fps = fingerprint_chain(digest, s, frame["_record_id"].to_numpy(), d.labels, d.features, d.slice_ends)
+        chains[s] = {"fingerprints": fps, "records": int(len(frame)),
+                     "sha256": sha256_file(run.data_path(s))}
+        first_missing = next((k for k in range(R)
+                              if not is_complete(run.shard_checkpoints(s) / checkpoint_name(k, fps[k]))), R)
+        if first_missing < R:
+            jobs.append(ShardJob(s, first_missing, tuple(fps)))
+            data[s] = d
+    return jobs, data, chains
+
+
+def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) -> RefreshReport:
+    """Retrain what the stored data invalidated, swap the manifest, delete stale checkpoints. Caller holds the lock."""
+    t0 = time.perf_counter()
+    config = run.config()
+    old = run.manifest()
+    shards = list(range(config.sharding.shards)) if shards is None else sorted(set(shards))
+    jobs, data, chains = plan(run, config, shards)
+    spec = train_spec(run, config)
+    bar = _progress(config, len(jobs))
+    results = run_jobs(spec, jobs, data, config.training.executor, on_done=(lambda r: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    entries = {e["shard"]: e for e in (old["shards"] if old else [])}
+    files = dict(old["files"]) if old else {}
+    before = {s: entries[s]["fingerprint"] for s in shards if s in entries}
+    for s in shards:
+        fps = chains[s]["fingerprints"]
+        entries[s] = {"shard": s, "records": chains[s]["records"], "fingerprint": fps[-1],
+                      "checkpoints": [checkpoint_name(k, fp) for k, fp in enumerate(fps)]}
+        files[f"data/shard-{s:03d}.parquet"] = chains[s]["sha256"]
+    for name in ("index.parquet", "tombstones.parquet"):
+        files[name] = sha256_file(run.root / name)
+    generation = (old["generation"] if old else 0) + 1
+    manifest = {"generation": generation, "config_digest": config.digest(),
+                "shards": [entries[s] for s in sorted(entries)], "files": files,
+                "executor": config.training.executor, "metrics": old.get("metrics", {}) if old else {}}
+    if metrics:
+        manifest["metrics"] = evaluate(run, config, manifest)
+    run.write_manifest(manifest)
+    collect_garbage(run, manifest, shards)
+    return RefreshReport(generation, jobs, results, before, {s: entries[s]["fingerprint"] for s in shards},
+                         time.perf_counter() - t0)
+
+
+def collect_garbage(run: RunDir, manifest: dict, shards: list[int]) -> None:
+    """Delete every checkpoint folder of ``shards`` that the manifest does not name (real erasure)."""
+    live = {e["shard"]: set(e["checkpoints"]) for e in manifest["shards"]}
+    for s in shards:
+        folder = run.shard_checkpoints(s)
+        clean_temp_files(folder)
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name not in live.get(s, set()):
+                    remove_tree(p)
+    clean_temp_files(run.data_dir)
+    clean_temp_files(run.root)
+
+
+def evaluate(run: RunDir, config: Config, manifest: dict) -> dict:
+    """Test accuracy of the ensemble (and per shard) when the config names a test table."""
+    if not config.data.test or not Path(config.data.test).is_file():
+        return {}
+    df = read_table(config.data.test)
+    t = validate_table(df, config.data, config.data.test, classes=config.data.classes,
+                       feature_names=config.data.features)
+    ens = Ensemble.from_manifest(run.root, config, manifest)
+    probs = ens.shard_probabilities(t.features)
+    per_shard = {str(s): float((probs[i].argmax(-1).numpy() == t.labels).mean()) for i, s in enumerate(ens.shards)}
+    return {"test_accuracy": ens.accuracy(t.features, t.labels), "test_rows": len(t), "shard_accuracy": per_shard}
+
+
+def train(root: str | Path, config: Config, data: pd.DataFrame | Table | None = None, *, resume: bool = False,
+          placement: pd.DataFrame | None = None, wait_s: float = 0.0) -> tuple[RunDir, RefreshReport]:
+    """Train a SISA ensemble into ``root`` (or finish an interrupted training with ``resume``)."""
+    run = RunDir(root)
+    if resume and run.exists():
+        with writer_lock(run.root, wait_s, "train --resume"):
+            return run, refresh(run)
+    if isinstance(data, pd.DataFrame):
+        table = validate_table(data, config.data, "training data", classes=config.data.classes)
+    else:
+        table = data if data is not None else load_training_table(config)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with writer_lock(Path(root), wait_s, "train"):
+        run = create_run(root, config, table, placement)
+        return run, refresh(run)
+
+
+def _progress(config: Config, total: int):
+    if not (config.training.progress and total and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="training shards", unit="shard", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""The run directory: its layout and the typed reads and writes of each file in it.
+
+```
+runs/<name>/
+  config.yaml                resolved config, frozen at train (+ config.digest)
+  secret.key                 per-run key for keyed hashes of deleted IDs (HMAC-SHA256)
+  index.parquet              active records: ID, subject, shard, slice, in-shard order key
+  tombstones.parquet         deleted records and subjects: keyed hash (HMAC) and request id only
+  data/shard-SSS.parquet     the shard's rows in training order (deleted rows purged)
+  checkpoints/shard-SSS/slice-KKK-<fingerprint16>/   see sisa.checkpoints
+  manifest.json              the live generation: per shard, its checkpoint chain; checksums of data files
+  journal/<request>.json     deletion requests: pending -> applied, with receipts (keyed hashes only)
+  lock                       the writer lock (flock)
+```
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .config import Config
+from .exceptions import IntegrityError, RunStateError
+from .index import RecordIndex
+from .storage import atomic_write_bytes, atomic_write_json, read_json, read_parquet, write_parquet
+from .training import ShardData
+
+MANIFEST_FORMAT = "sisa-manifest/1"
+META_COLUMNS = ["_record_id", "_label", "_slice", "_order"]
+
+
+class RunDir:
+    """Typed access to one run directory. Holds paths and the frozen config; no training logic."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- paths ------------------------------------------------------------------------------------------------
+    config_path = property(lambda self: self.root / "config.yaml")
+    secret_path = property(lambda self: self.root / "secret.key")
+    index_path = property(lambda self: self.root / "index.parquet")
+    manifest_path = property(lambda self: self.root / "manifest.json")
+    journal_dir = property(lambda self: self.root / "journal")
+    checkpoint_root = property(lambda self: self.root / "checkpoints")
+    data_dir = property(lambda self: self.root / "data")
+
+    def data_path(self, shard: int) -> Path:
+        return self.data_dir / f"shard-{shard:03d}.parquet"
+
+    def shard_checkpoints(self, shard: int) -> Path:
+        return self.checkpoint_root / f"shard-{shard:03d}"
+
+    # ---- creation ---------------------------------------------------------------------------------------------
+    def create(self, config: Config) -> None:
+        """Lay out a new run: folders, frozen config, a fresh secret. Refuses a folder holding another run."""
+        if self.config_path.exists():
+            raise RunStateError(f"{self.root} already holds a run; choose another --run folder or delete it")
+        if self.root.exists() and any(p.name != "lock" for p in self.root.iterdir()):
+            raise RunStateError(f"{self.root} exists and is not empty; choose an empty or new --run folder")
+        for d in (self.root, self.data_dir, self.checkpoint_root, self.journal_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.secret_path, secrets.token_bytes(32))
+        os.chmod(self.secret_path, 0o600)
+        self.write_config(config)
+
+    def write_config(self, config: Config) -> None:
+        header = f"# resolved sisa config; digest {config.digest()}\n"
+        atomic_write_bytes(self.config_path, (header + config.to_yaml()).encode())
+
+    # ---- reads ------------------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise RunStateError(f"{self.root} is not a sisa run (no config.yaml); create one with `sisa train`")
+
+    def config(self) -> Config:
+        self.require()
+        return Config.from_dict(yaml.safe_load(self.config_path.read_text()))
+
+    def secret(self) -> bytes:
+        data = self.secret_path.read_bytes()
+        if len(data) != 32:
+            raise IntegrityError(self.secret_path, "secret key must be 32 bytes")
+        return data
+
+    def manifest(self) -> dict | None:
+        if not self.manifest_path.is_file():
+            return None
+        m = read_json(self.manifest_path)
+        if m.get("format") != MANIFEST_FORMAT:
+            raise IntegrityError(self.manifest_path, f"unknown manifest format {m.get('format')!r}")
+        return m
+
+    def require_manifest(self) -> dict:
+        self.require()
+        m = self.manifest()
+        if m is None:
+            raise RunStateError(f"{self.root}: training has not finished (no manifest.json); "
+                                "run `sisa train --resume` to complete it")
+        return m
+
+    def index(self, verify: bool = True) -> RecordIndex:
+        m = self.manifest() if verify else None
+        sha = {k: v for k, v in (m or {}).get("files", {}).items() if "/" not in k}
+        cfg = self.config()
+        return RecordIndex.load(self.index_path, sha, has_subjects=bool(cfg.data.subject_column))
+
+    def shard_frame(self, shard: int, verify: bool = True) -> pd.DataFrame:
+        sha = self._expected_sha(f"data/shard-{shard:03d}.parquet") if verify else None
+        return read_parquet(self.data_path(shard), sha)
+
+    def _expected_sha(self, rel: str) -> str | None:
+        m = self.manifest()
+        return None if m is None else m.get("files", {}).get(rel)
+
+    # ---- writes -----------------------------------------------------------------------------------------------
+    def write_index(self, index: RecordIndex) -> dict[str, str]:
+        return index.save(self.index_path)
+
+    def write_shard_frame(self, shard: int, frame: pd.DataFrame) -> str:
+        return write_parquet(self.data_path(shard), frame)
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, {**manifest, "format": MANIFEST_FORMAT})
+
+
+def shard_data(frame: pd.DataFrame, feature_names: list[str], slices: int) -> ShardData:
+    """Arrays for training from a shard frame already in training order."""
+    slice_col = frame["_slice"].to_numpy(np.int64)
+    return ShardData(
+        features=np.ascontiguousarray(frame[feature_names].to_numpy(np.float32)),
+        labels=frame["_label"].to_numpy(np.int64),
+        slice_ends=np.searchsorted(slice_col, np.arange(slices), side="right").astype(np.int64),
+    )
