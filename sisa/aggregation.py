@@ -30,7 +30,9 @@ STACKED_MAX_BATCH = {"cpu": 1024, "cuda": 1 << 30}
 class Ensemble:
     """The live sub-models of one manifest generation, ready to predict."""
 
-    def __init__(self, models: dict[int, nn.Module], config: Config, generation: int = 0, device: str = "cpu"):
+    def __init__(
+        self, models: dict[int, nn.Module], config: Config, generation: int = 0, device: str = "cpu"
+    ):
         self.models = dict(sorted(models.items()))
         self.config = config
         self.classes = list(config.data.classes or [])
@@ -43,8 +45,14 @@ class Ensemble:
         return list(self.models)
 
     @classmethod
-    def from_manifest(cls, root: Path, config: Config, manifest: dict, exclude: set[int] | frozenset = frozenset(),
-                      device: str = "cpu") -> Ensemble:
+    def from_manifest(
+        cls,
+        root: Path,
+        config: Config,
+        manifest: dict,
+        exclude: set[int] | frozenset = frozenset(),
+        device: str = "cpu",
+    ) -> Ensemble:
         """Load the last-slice checkpoint of every serving shard named by ``manifest`` (verified on load)."""
         n_features = len(config.data.features or [])
         models = {}
@@ -61,8 +69,12 @@ class Ensemble:
 
     def without(self, shards: set[int]) -> Ensemble:
         """The same generation minus some shards (strict mode while they retrain)."""
-        return Ensemble({s: m for s, m in self.models.items() if s not in shards}, self.config, self.generation,
-                        self.device)
+        return Ensemble(
+            {s: m for s, m in self.models.items() if s not in shards},
+            self.config,
+            self.generation,
+            self.device,
+        )
 
     # ---- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -37,8 +37,9 @@ from .storage import TMP_PREFIX, fsync_dir, read_json, remove_tree, sha256_bytes
 FORMAT = "sisa-checkpoint/1"
 
 
-def fingerprint_chain(config_digest: str, shard: int, ids, labels: np.ndarray, features: np.ndarray,
-                      slice_ends: np.ndarray) -> list[str]:
+def fingerprint_chain(
+    config_digest: str, shard: int, ids, labels: np.ndarray, features: np.ndarray, slice_ends: np.ndarray
+) -> list[str]:
     """One fingerprint per slice: sha256(previous, digest, shard, k, rows of slice k)."""
     out, prev, start = [], "", 0
     for k, end in enumerate(slice_ends.tolist()):
@@ -63,8 +64,9 @@ class Checkpoint:
     meta: dict
 
 
-def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor],
-                    meta: dict) -> None:
+def save_checkpoint(
+    folder: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor], meta: dict
+) -> None:
     """Write a checkpoint folder atomically (temp folder, fsync each file, COMPLETE last, rename)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -73,11 +75,17 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], optim_st
     tmp.mkdir()
     blobs = {
         "model.safetensors": st_save({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}),
-        "optimizer.safetensors": st_save({k: v.detach().to("cpu").contiguous() for k, v in optim_state.items()}),
+        "optimizer.safetensors": st_save(
+            {k: v.detach().to("cpu").contiguous() for k, v in optim_state.items()}
+        ),
     }
     meta = {**meta, "format": FORMAT, "files": {n: sha256_bytes(b) for n, b in blobs.items()}}
     meta_bytes = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
-    for name, data in [*blobs.items(), ("meta.json", meta_bytes), ("COMPLETE", sha256_bytes(meta_bytes).encode())]:
+    for name, data in [
+        *blobs.items(),
+        ("meta.json", meta_bytes),
+        ("COMPLETE", sha256_bytes(meta_bytes).encode()),
+    ]:
         with open(tmp / name, "wb") as f:
             f.write(data)
             f.flush()
@@ -112,7 +120,9 @@ def load_checkpoint(folder: Path, expected_fingerprint: str | None = None) -> Ch
     if meta.get("format") != FORMAT:
         raise IntegrityError(folder, f"unknown checkpoint format {meta.get('format')!r}")
     if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
-        raise IntegrityError(folder, "fingerprint does not match the records it should cover (stale checkpoint)")
+        raise IntegrityError(
+            folder, "fingerprint does not match the records it should cover (stale checkpoint)"
+        )
     tensors = {}
     for name in ("model.safetensors", "optimizer.safetensors"):
         try:

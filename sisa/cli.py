@@ -33,8 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a sharded, sliced ensemble into a run directory")
     t.add_argument("config", nargs="?", help="YAML config file (not needed with --resume)")
     t.add_argument("--run", required=True, help="run directory to create")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set sharding.shards=8 (repeatable)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sharding.shards=8 (repeatable)",
+    )
     t.add_argument("--resume", action="store_true", help="finish an interrupted training of --run")
     t.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
@@ -47,16 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run", required=True)
     d.add_argument("ids", nargs="*", help="record IDs to delete")
     d.add_argument("--ids-file", help="file with one record ID per line")
-    d.add_argument("--subject", dest="subjects", nargs="+", default=[], metavar="ID",
-                   help="data-subject IDs: delete every row of these people")
+    d.add_argument(
+        "--subject",
+        dest="subjects",
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="data-subject IDs: delete every row of these people",
+    )
     d.add_argument("--subjects-file", help="file with one subject ID per line")
-    d.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for another writer to finish instead of failing")
+    d.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another writer to finish instead of failing",
+    )
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
     s.add_argument("--json", action="store_true")
+
+    # -- durability parsers: verify, history, repair --
+    # -- serving parsers: serve --
+    # -- audit parsers: audit, compare, report --
     return p
 
 
@@ -79,15 +100,22 @@ def _train(a: argparse.Namespace) -> int:
         cfg = Config.load(a.config, a.overrides)
         run, report = train(a.run, cfg)
     manifest = run.manifest() or {}
-    summary = {"run": str(run.root), "generation": report.generation, "shards_trained": len(report.jobs),
-               "seconds": round(report.seconds, 2), **manifest.get("metrics", {})}
+    summary = {
+        "run": str(run.root),
+        "generation": report.generation,
+        "shards_trained": len(report.jobs),
+        "seconds": round(report.seconds, 2),
+        **manifest.get("metrics", {}),
+    }
     summary.pop("shard_accuracy", None)
     if a.json:
         print(json.dumps(summary, indent=1))
     else:
         acc = summary.get("test_accuracy")
-        print(f"trained {summary['shards_trained']} shard(s) into {run.root} in {summary['seconds']} s"
-              + (f"; ensemble test accuracy {acc:.4f}" if acc is not None else ""))
+        print(
+            f"trained {summary['shards_trained']} shard(s) into {run.root} in {summary['seconds']} s"
+            + (f"; ensemble test accuracy {acc:.4f}" if acc is not None else "")
+        )
     return 0
 
 
@@ -134,8 +162,10 @@ def _delete(a: argparse.Namespace) -> int:
         print(f"already deleted, nothing retrained: {', '.join(map(str, receipt['already_deleted']))}")
     else:
         shards = ", ".join(f"{s} (from slice {k})" for s, k in receipt["shards_retrained"].items())
-        print(f"deleted {receipt['records_deleted']} record(s); request {receipt['request_id']}; "
-              f"retrained shard {shards} in {receipt['seconds']} s; generation {receipt['generation']}")
+        print(
+            f"deleted {receipt['records_deleted']} record(s); request {receipt['request_id']}; "
+            f"retrained shard {shards} in {receipt['seconds']} s; generation {receipt['generation']}"
+        )
         if receipt.get("already_deleted"):
             print(f"already deleted before: {', '.join(map(str, receipt['already_deleted']))}")
     return 0
@@ -144,8 +174,8 @@ def _delete(a: argparse.Namespace) -> int:
 @command("status")
 def _status(a: argparse.Namespace) -> int:
     from .estimator import run_status
-    from .unlearning import recover
     from .rundir import RunDir
+    from .unlearning import recover
 
     recover(RunDir(a.run))
     st = run_status(a.run)
@@ -153,16 +183,29 @@ def _status(a: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1, default=str))
         return 0
     acc = st["test_accuracy"]
-    print(f"run {st['run']}  generation {st['generation']}  model {st['model']}  executor {st['executor']}  "
-          f"device {st['device']}")
-    print(f"shards {st['shards']} x slices {st['slices']} ({st['strategy']}); records active {st['records_active']}, "
-          f"deleted {st['records_deleted']}; deletion requests {st['deletion_requests']} "
-          f"({st['deletions_pending']} pending)")
-    print(f"shard sizes {st['shard_records']} (imbalance {st['shard_imbalance']:.1%}); "
-          f"serving {len(st['shards_serving'])}/{st['shards']}")
+    print(
+        f"run {st['run']}  generation {st['generation']}  model {st['model']}  executor {st['executor']}  "
+        f"device {st['device']}"
+    )
+    print(
+        f"shards {st['shards']} x slices {st['slices']} ({st['strategy']}); records active {st['records_active']}, "
+        f"deleted {st['records_deleted']}; deletion requests {st['deletion_requests']} "
+        f"({st['deletions_pending']} pending)"
+    )
+    print(
+        f"shard sizes {st['shard_records']} (imbalance {st['shard_imbalance']:.1%}); "
+        f"serving {len(st['shards_serving'])}/{st['shards']}"
+    )
     if acc is not None:
         print(f"ensemble test accuracy {acc:.4f}")
     return 0
+
+
+# -- durability handlers --
+
+# -- serving handlers --
+
+# -- audit handlers --
 
 
 def main(argv: list[str] | None = None) -> int:

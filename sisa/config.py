@@ -41,11 +41,15 @@ class ShardingConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | "package.module:Factory" (called as Factory(n_features, n_classes, **options))
+    name: str = (
+        "mlp"  # mlp | cnn | "package.module:Factory" (called as Factory(n_features, n_classes, **options))
+    )
     hidden: list[int] = field(default_factory=lambda: [128])  # MLP hidden layer widths
     activation: str = "relu"  # relu | tanh (MLP)
     dropout: float = 0.0  # dropout probability (seeded per shard, slice and epoch)
-    input_shape: list[int] | None = None  # CNN input as [channels, height, width]; null = [1, sqrt(F), sqrt(F)]
+    input_shape: list[int] | None = (
+        None  # CNN input as [channels, height, width]; null = [1, sqrt(F), sqrt(F)]
+    )
     input_scale: float = 1.0  # fixed multiplier applied to inputs (1/255 for raw pixels); never fitted
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for a custom factory
 
@@ -137,8 +141,10 @@ class Config:
         _positive_int(p, "sharding.slices", s.slices)
         _choice(p, "sharding.strategy", s.strategy, ("uniform", "stratified", "distribution_aware"))
         if s.strategy == "distribution_aware" and not d.deletion_prob_column:
-            p.append("sharding.strategy: distribution_aware needs data.deletion_prob_column (a column of "
-                     "per-record deletion probabilities); set it or use strategy=uniform")
+            p.append(
+                "sharding.strategy: distribution_aware needs data.deletion_prob_column (a column of "
+                "per-record deletion probabilities); set it or use strategy=uniform"
+            )
         if not (isinstance(t.epochs, (int, float)) and t.epochs > 0):
             p.append(f"training.epochs: expected a number > 0, got {t.epochs!r}")
         _positive_int(p, "training.batch_size", t.batch_size)
@@ -159,7 +165,9 @@ class Config:
         if not (0.0 <= m.dropout < 1.0):
             p.append(f"model.dropout: expected 0 <= dropout < 1, got {m.dropout!r}")
         if m.name not in ("mlp", "cnn") and ":" not in str(m.name):
-            p.append(f"model.name: expected 'mlp', 'cnn' or an import path 'package.module:Factory', got {m.name!r}")
+            p.append(
+                f"model.name: expected 'mlp', 'cnn' or an import path 'package.module:Factory', got {m.name!r}"
+            )
         if any((not isinstance(h, int)) or h <= 0 for h in m.hidden):
             p.append(f"model.hidden: expected a list of positive integers, got {m.hidden!r}")
         if m.input_shape is not None and (len(m.input_shape) != 3 or any(int(v) <= 0 for v in m.input_shape)):
@@ -168,11 +176,15 @@ class Config:
         _choice(p, "aggregation.inference", a.inference, ("auto", "loop", "stacked"))
         if a.weights is not None:
             if len(a.weights) != s.shards:
-                p.append(f"aggregation.weights: expected {s.shards} weights (one per shard), got {len(a.weights)}; "
-                         "give one weight per shard or null")
+                p.append(
+                    f"aggregation.weights: expected {s.shards} weights (one per shard), got {len(a.weights)}; "
+                    "give one weight per shard or null"
+                )
             elif any((not isinstance(w, (int, float))) or w < 0 for w in a.weights) or sum(a.weights) <= 0:
-                p.append("aggregation.weights: expected non-negative numbers with a positive sum, "
-                         f"got {a.weights!r}")
+                p.append(
+                    "aggregation.weights: expected non-negative numbers with a positive sum, "
+                    f"got {a.weights!r}"
+                )
         cols = [("data.id_column", d.id_column), ("data.label_column", d.label_column)]
         if d.subject_column:
             cols.append(("data.subject_column", d.subject_column))
@@ -184,7 +196,9 @@ class Config:
             if clash:
                 p.append(f"data.features: {clash} are ID/label/subject columns and cannot be features")
             if not d.features:
-                p.append("data.features: expected a non-empty list of column names or null (all other columns)")
+                p.append(
+                    "data.features: expected a non-empty list of column names or null (all other columns)"
+                )
         if p:
             raise ConfigError(p)
 
@@ -234,8 +248,10 @@ def _coerce(name: str, value: Any, ftype: str, problems: list[str]) -> Any:
     if ftype == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = {"int": int, "float": float, "str": str, "bool": bool}.get(ftype.split(" |")[0])
-    if expected is not None and not isinstance(value, expected) or (
-        expected is int and isinstance(value, bool)
+    if (
+        expected is not None
+        and not isinstance(value, expected)
+        or (expected is int and isinstance(value, bool))
     ):
         problems.append(f"{name}: expected {ftype}, got {value!r}")
     if ftype.startswith("list") and not isinstance(value, list):

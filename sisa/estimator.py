@@ -27,8 +27,13 @@ from .unlearning import delete, recover
 class SisaClassifier:
     """fit / predict / predict_proba / delete / status over one run directory."""
 
-    def __init__(self, config: Config | dict | str | Path | None = None, *, run_dir: str | Path | None = None,
-                 overrides: list[str] | None = None):
+    def __init__(
+        self,
+        config: Config | dict | str | Path | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        overrides: list[str] | None = None,
+    ):
         if isinstance(config, (str, Path)):
             config = Config.load(config, overrides)
         elif isinstance(config, dict):
@@ -43,8 +48,12 @@ class SisaClassifier:
         self.last_report = None
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def fit(self, data: pd.DataFrame | Table | None = None, run_dir: str | Path | None = None,
-            placement: pd.DataFrame | None = None) -> SisaClassifier:
+    def fit(
+        self,
+        data: pd.DataFrame | Table | None = None,
+        run_dir: str | Path | None = None,
+        placement: pd.DataFrame | None = None,
+    ) -> SisaClassifier:
         """Train into ``run_dir`` from ``data`` (a DataFrame) or the config's ``data.train`` table."""
         self.run_dir = Path(run_dir) if run_dir is not None else self.run_dir
         if self.run_dir is None:
@@ -96,7 +105,9 @@ class SisaClassifier:
 
     def _run(self) -> RunDir:
         if self.run_dir is None:
-            raise RunStateError("this classifier has no run directory yet; call fit() or SisaClassifier.load()")
+            raise RunStateError(
+                "this classifier has no run directory yet; call fit() or SisaClassifier.load()"
+            )
         return RunDir(self.run_dir)
 
 
@@ -113,16 +124,27 @@ def run_status(root: str | Path) -> dict:
     sizes = counts.sum(axis=1)
     metrics = manifest.get("metrics", {})
     return {
-        "run": str(run.root), "generation": manifest["generation"], "config_digest": manifest["config_digest"],
-        "shards": cfg.sharding.shards, "slices": cfg.sharding.slices, "strategy": cfg.sharding.strategy,
-        "model": cfg.model.name, "executor": cfg.training.executor, "device": cfg.training.device,
+        "run": str(run.root),
+        "generation": manifest["generation"],
+        "config_digest": manifest["config_digest"],
+        "shards": cfg.sharding.shards,
+        "slices": cfg.sharding.slices,
+        "strategy": cfg.sharding.strategy,
+        "model": cfg.model.name,
+        "executor": cfg.training.executor,
+        "device": cfg.training.device,
         "records_active": int(len(index.active)),
         "records_deleted": int((index.tombstones["kind"] == "record").sum()) if len(index.tombstones) else 0,
         "subjects_active": int(index.active["subject_id"].nunique()) if index.has_subjects else None,
-        "deletion_requests": len(entries), "deletions_pending": sum(e["status"] == "pending" for e in entries),
-        "shard_records": [int(v) for v in sizes], "shard_imbalance": round(imbalance(sizes), 4),
+        "deletion_requests": len(entries),
+        "deletions_pending": sum(e["status"] == "pending" for e in entries),
+        "shard_records": [int(v) for v in sizes],
+        "shard_imbalance": round(imbalance(sizes), 4),
         "slice_records": counts.tolist(),
-        "shards_serving": [e["shard"] for e in manifest["shards"] if e["shard"] not in pending and e["records"]],
+        "shards_serving": [
+            e["shard"] for e in manifest["shards"] if e["shard"] not in pending and e["records"]
+        ],
         "shards_retraining": sorted(pending),
-        "test_accuracy": metrics.get("test_accuracy"), "shard_accuracy": metrics.get("shard_accuracy"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "shard_accuracy": metrics.get("shard_accuracy"),
     }

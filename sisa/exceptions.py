@@ -30,7 +30,9 @@ class ConfigError(SisaError, ValueError):
         if len(self.problems) == 1:
             super().__init__(f"invalid configuration: {self.problems[0]}")
         else:
-            super().__init__(f"invalid configuration ({len(self.problems)} problems):\n{_bullets(self.problems)}")
+            super().__init__(
+                f"invalid configuration ({len(self.problems)} problems):\n{_bullets(self.problems)}"
+            )
 
 
 class DataError(SisaError, ValueError):
@@ -80,7 +82,9 @@ class IntegrityError(SisaError, RuntimeError):
 
     def __init__(self, path, reason: str):
         self.path = str(path)
-        super().__init__(f"integrity check failed for {self.path}: {reason} (run `sisa repair` to rebuild it)")
+        super().__init__(
+            f"integrity check failed for {self.path}: {reason} (run `sisa repair` to rebuild it)"
+        )
 
 
 class IncompatibleCheckpointError(SisaError, RuntimeError):

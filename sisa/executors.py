@@ -22,8 +22,13 @@ log = logging.getLogger("sisa")
 Progress = Callable[[ShardResult], None]
 
 
-def run_jobs(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], executor: str,
-             on_done: Progress | None = None) -> list[ShardResult]:
+def run_jobs(
+    spec: TrainSpec,
+    jobs: list[ShardJob],
+    data: dict[int, ShardData],
+    executor: str,
+    on_done: Progress | None = None,
+) -> list[ShardResult]:
     """Train every job and return their results in job order."""
     if not jobs:
         return []
@@ -49,7 +54,9 @@ def run_jobs(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], 
     return results
 
 
-def _run_joblib(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], n_jobs: int) -> list[ShardResult]:
+def _run_joblib(
+    spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], n_jobs: int
+) -> list[ShardResult]:
     from joblib import Parallel, delayed
 
     # Longest shards first so the pool stays busy; results come back in job order.
@@ -69,14 +76,21 @@ def _run_dask(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData])
     except ImportError:  # pragma: no cover - depends on the environment
         from .exceptions import ConfigError
 
-        raise ConfigError(["training.backend: dask needs the 'distributed' package (pip install 'sisa[cluster]')"]) from None
+        raise ConfigError(
+            ["training.backend: dask needs the 'distributed' package (pip install 'sisa[cluster]')"]
+        ) from None
     address = spec.config.training.scheduler
     cluster = None
     if address:
         client = Client(address, timeout="30s")
     else:
-        cluster = LocalCluster(n_workers=spec.config.training.n_jobs, threads_per_worker=1, processes=True,
-                               dashboard_address=None, host="127.0.0.1")
+        cluster = LocalCluster(
+            n_workers=spec.config.training.n_jobs,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        )
         client = Client(cluster)
     try:
         futures = [client.submit(train_shard, spec, job, data[job.shard], pure=False) for job in jobs]

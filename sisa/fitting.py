@@ -61,7 +61,9 @@ def resolve_config(config: Config, table: Table) -> Config:
     return resolved
 
 
-def create_run(root: str | Path, config: Config, table: Table, placement: pd.DataFrame | None = None) -> RunDir:
+def create_run(
+    root: str | Path, config: Config, table: Table, placement: pd.DataFrame | None = None
+) -> RunDir:
     """Lay out a new run: resolved config, secret, index and per-shard data files (no training yet).
 
     ``placement`` (shard/slice/order per row) reuses a persisted placement, e.g. to retrain a ``stratified`` run
@@ -72,9 +74,16 @@ def create_run(root: str | Path, config: Config, table: Table, placement: pd.Dat
     run.create(config)
     keys = table.subjects if table.subjects is not None else table.ids
     if placement is None:
-        placement = place(keys, table.ids, shards=config.sharding.shards, slices=config.sharding.slices,
-                          seed=config.training.seed, strategy=config.sharding.strategy, labels=table.labels,
-                          deletion_prob=table.deletion_prob)
+        placement = place(
+            keys,
+            table.ids,
+            shards=config.sharding.shards,
+            slices=config.sharding.slices,
+            seed=config.training.seed,
+            strategy=config.sharding.strategy,
+            labels=table.labels,
+            deletion_prob=table.deletion_prob,
+        )
     index = RecordIndex.build(table.ids, placement, table.subjects)
     run.write_index(index)
     frame = table.frame()
@@ -90,9 +99,14 @@ def create_run(root: str | Path, config: Config, table: Table, placement: pd.Dat
 
 
 def train_spec(run: RunDir, config: Config) -> TrainSpec:
-    return TrainSpec(config=config, n_features=len(config.data.features), n_classes=len(config.data.classes),
-                     config_digest=config.digest(), checkpoint_root=str(run.checkpoint_root),
-                     device=config.training.device)
+    return TrainSpec(
+        config=config,
+        n_features=len(config.data.features),
+        n_classes=len(config.data.classes),
+        config_digest=config.digest(),
+        checkpoint_root=str(run.checkpoint_root),
+        device=config.training.device,
+    )
 
 
 def plan(run: RunDir, config: Config, shards: list[int]) -> tuple[list[ShardJob], dict[int, ShardData], dict]:
@@ -103,10 +117,10 @@ def plan(run: RunDir, config: Config, shards: list[int]) -> tuple[list[ShardJob]
         frame = run.shard_frame(s, verify=False)
         d = shard_data(frame, config.data.features, R)
         fps = fingerprint_chain(digest, s, frame["_record_id"].to_numpy(), d.labels, d.features, d.slice_ends)
-        chains[s] = {"fingerprints": fps, "records": int(len(frame)),
-                     "sha256": sha256_file(run.data_path(s))}
-        first_missing = next((k for k in range(R)
-                              if not is_complete(run.shard_checkpoints(s) / checkpoint_name(k, fps[k]))), R)
+        chains[s] = {"fingerprints": fps, "records": int(len(frame)), "sha256": sha256_file(run.data_path(s))}
+        first_missing = next(
+            (k for k in range(R) if not is_complete(run.shard_checkpoints(s) / checkpoint_name(k, fps[k]))), R
+        )
         if first_missing < R:
             jobs.append(ShardJob(s, first_missing, tuple(fps)))
             data[s] = d
@@ -122,7 +136,9 @@ def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) 
     jobs, data, chains = plan(run, config, shards)
     spec = train_spec(run, config)
     bar = _progress(config, len(jobs))
-    results = run_jobs(spec, jobs, data, config.training.executor, on_done=(lambda r: bar.update(1)) if bar else None)
+    results = run_jobs(
+        spec, jobs, data, config.training.executor, on_done=(lambda r: bar.update(1)) if bar else None
+    )
     if bar:
         bar.close()
     entries = {e["shard"]: e for e in (old["shards"] if old else [])}
@@ -130,21 +146,36 @@ def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) 
     before = {s: entries[s]["fingerprint"] for s in shards if s in entries}
     for s in shards:
         fps = chains[s]["fingerprints"]
-        entries[s] = {"shard": s, "records": chains[s]["records"], "fingerprint": fps[-1],
-                      "checkpoints": [checkpoint_name(k, fp) for k, fp in enumerate(fps)]}
+        entries[s] = {
+            "shard": s,
+            "records": chains[s]["records"],
+            "fingerprint": fps[-1],
+            "checkpoints": [checkpoint_name(k, fp) for k, fp in enumerate(fps)],
+        }
         files[f"data/shard-{s:03d}.parquet"] = chains[s]["sha256"]
     for name in ("index.parquet", "tombstones.parquet"):
         files[name] = sha256_file(run.root / name)
     generation = (old["generation"] if old else 0) + 1
-    manifest = {"generation": generation, "config_digest": config.digest(),
-                "shards": [entries[s] for s in sorted(entries)], "files": files,
-                "executor": config.training.executor, "metrics": old.get("metrics", {}) if old else {}}
+    manifest = {
+        "generation": generation,
+        "config_digest": config.digest(),
+        "shards": [entries[s] for s in sorted(entries)],
+        "files": files,
+        "executor": config.training.executor,
+        "metrics": old.get("metrics", {}) if old else {},
+    }
     if metrics:
         manifest["metrics"] = evaluate(run, config, manifest)
     run.write_manifest(manifest)
     collect_garbage(run, manifest, shards)
-    return RefreshReport(generation, jobs, results, before, {s: entries[s]["fingerprint"] for s in shards},
-                         time.perf_counter() - t0)
+    return RefreshReport(
+        generation,
+        jobs,
+        results,
+        before,
+        {s: entries[s]["fingerprint"] for s in shards},
+        time.perf_counter() - t0,
+    )
 
 
 def collect_garbage(run: RunDir, manifest: dict, shards: list[int]) -> None:
@@ -166,16 +197,30 @@ def evaluate(run: RunDir, config: Config, manifest: dict) -> dict:
     if not config.data.test or not Path(config.data.test).is_file():
         return {}
     df = read_table(config.data.test)
-    t = validate_table(df, config.data, config.data.test, classes=config.data.classes,
-                       feature_names=config.data.features)
+    t = validate_table(
+        df, config.data, config.data.test, classes=config.data.classes, feature_names=config.data.features
+    )
     ens = Ensemble.from_manifest(run.root, config, manifest)
     probs = ens.shard_probabilities(t.features)
-    per_shard = {str(s): float((probs[i].argmax(-1).numpy() == t.labels).mean()) for i, s in enumerate(ens.shards)}
-    return {"test_accuracy": ens.accuracy(t.features, t.labels), "test_rows": len(t), "shard_accuracy": per_shard}
+    per_shard = {
+        str(s): float((probs[i].argmax(-1).numpy() == t.labels).mean()) for i, s in enumerate(ens.shards)
+    }
+    return {
+        "test_accuracy": ens.accuracy(t.features, t.labels),
+        "test_rows": len(t),
+        "shard_accuracy": per_shard,
+    }
 
 
-def train(root: str | Path, config: Config, data: pd.DataFrame | Table | None = None, *, resume: bool = False,
-          placement: pd.DataFrame | None = None, wait_s: float = 0.0) -> tuple[RunDir, RefreshReport]:
+def train(
+    root: str | Path,
+    config: Config,
+    data: pd.DataFrame | Table | None = None,
+    *,
+    resume: bool = False,
+    placement: pd.DataFrame | None = None,
+    wait_s: float = 0.0,
+) -> tuple[RunDir, RefreshReport]:
     """Train a SISA ensemble into ``root`` (or finish an interrupted training with ``resume``)."""
     run = RunDir(root)
     if resume and run.exists():

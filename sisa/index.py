@@ -50,14 +50,19 @@ class RecordIndex:
 
     @classmethod
     def build(cls, record_ids: pd.Series, placement: pd.DataFrame, subjects: pd.Series | None) -> RecordIndex:
-        active = pd.DataFrame({
-            "record_id": record_ids.reset_index(drop=True),
-            "subject_id": (subjects.reset_index(drop=True) if subjects is not None
-                           else pd.Series([None] * len(record_ids), dtype="string")),
-            "shard": placement["shard"].to_numpy(np.int32),
-            "slice": placement["slice"].to_numpy(np.int32),
-            "order": placement["order"].to_numpy(np.uint64),
-        })
+        active = pd.DataFrame(
+            {
+                "record_id": record_ids.reset_index(drop=True),
+                "subject_id": (
+                    subjects.reset_index(drop=True)
+                    if subjects is not None
+                    else pd.Series([None] * len(record_ids), dtype="string")
+                ),
+                "shard": placement["shard"].to_numpy(np.int32),
+                "slice": placement["slice"].to_numpy(np.int32),
+                "order": placement["order"].to_numpy(np.uint64),
+            }
+        )
         return cls(active=active, tombstones=_empty_tombstones(), has_subjects=subjects is not None)
 
     # ---- persistence ------------------------------------------------------------------------------------------
@@ -72,7 +77,9 @@ class RecordIndex:
         return {TOMBSTONES_FILE: t_sha, path.name: write_parquet(path, self.active[ACTIVE_COLUMNS])}
 
     @classmethod
-    def load(cls, path: Path, sha256: dict[str, str] | None = None, has_subjects: bool = False) -> RecordIndex:
+    def load(
+        cls, path: Path, sha256: dict[str, str] | None = None, has_subjects: bool = False
+    ) -> RecordIndex:
         path = Path(path)
         sha256 = sha256 or {}
         active = read_parquet(path, sha256.get(path.name))
@@ -107,14 +114,17 @@ class RecordIndex:
         return [i for i, h in zip(ids, hashes, strict=True) if h in known]
 
     # ---- mutation ---------------------------------------------------------------------------------------------
-    def remove(self, positions: np.ndarray, secret: bytes, request_id: str,
-               subject_hashes: list[str] | None = None) -> None:
+    def remove(
+        self, positions: np.ndarray, secret: bytes, request_id: str, subject_hashes: list[str] | None = None
+    ) -> None:
         """Drop the rows at ``positions`` and tombstone their IDs (and the given subject hashes) by keyed hash."""
         gone = self.active.iloc[positions]
         hashes = keyed_id_hashes(list(gone["record_id"]), secret, "record")
         rows = [pd.DataFrame({"id_hash": hashes, "kind": "record", "request_id": request_id})]
         if subject_hashes:
-            rows.append(pd.DataFrame({"id_hash": list(subject_hashes), "kind": "subject", "request_id": request_id}))
+            rows.append(
+                pd.DataFrame({"id_hash": list(subject_hashes), "kind": "subject", "request_id": request_id})
+            )
         self.tombstones = pd.concat([self.tombstones, *rows], ignore_index=True).drop_duplicates("id_hash")
         keep = np.ones(len(self.active), dtype=bool)
         keep[positions] = False

@@ -29,15 +29,28 @@ class Journal:
     def path(self, request_id: str) -> Path:
         return self.folder / f"{request_id}.json"
 
-    def begin(self, request_id: str, id_hashes: list[str], subject_hashes: list[str], shards: dict[int, int],
-              records: int, before: dict[int, str], extra: dict | None = None) -> dict:
+    def begin(
+        self,
+        request_id: str,
+        id_hashes: list[str],
+        subject_hashes: list[str],
+        shards: dict[int, int],
+        records: int,
+        before: dict[int, str],
+        extra: dict | None = None,
+    ) -> dict:
         """Write the pending entry durably; returns it. This is the moment of acknowledgement."""
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = {
-            "request_id": request_id, "status": PENDING, "created": time.time(),
-            "id_hashes": sorted(id_hashes), "subject_hashes": sorted(subject_hashes),
-            "shards": {str(s): int(k) for s, k in sorted(shards.items())}, "records": int(records),
-            "before": {str(s): fp for s, fp in before.items()}, **(extra or {}),
+            "request_id": request_id,
+            "status": PENDING,
+            "created": time.time(),
+            "id_hashes": sorted(id_hashes),
+            "subject_hashes": sorted(subject_hashes),
+            "shards": {str(s): int(k) for s, k in sorted(shards.items())},
+            "records": int(records),
+            "before": {str(s): fp for s, fp in before.items()},
+            **(extra or {}),
         }
         atomic_write_json(self.path(request_id), entry)
         return entry

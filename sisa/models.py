@@ -31,8 +31,15 @@ class Scale(nn.Module):
 class MLP(nn.Module):
     """Linear layers with ReLU/Tanh between them; dropout after each hidden activation when configured."""
 
-    def __init__(self, n_features: int, n_classes: int, hidden: list[int], activation: str = "relu",
-                 dropout: float = 0.0, input_scale: float = 1.0):
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        hidden: list[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        input_scale: float = 1.0,
+    ):
         super().__init__()
         self.scale = Scale(input_scale)
         widths = [n_features, *hidden, n_classes]
@@ -55,19 +62,34 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Two conv blocks and a linear head, for small images given as flat feature rows."""
 
-    def __init__(self, n_features: int, n_classes: int, input_shape: list[int] | None = None,
-                 input_scale: float = 1.0, dropout: float = 0.0, channels: tuple[int, int] = (16, 32)):
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        input_shape: list[int] | None = None,
+        input_scale: float = 1.0,
+        dropout: float = 0.0,
+        channels: tuple[int, int] = (16, 32),
+    ):
         super().__init__()
         if input_shape is None:
             side = math.isqrt(n_features)
             if side * side != n_features:
-                raise ConfigError([f"model.input_shape: {n_features} features are not a square image; "
-                                   "set model.input_shape: [channels, height, width]"])
+                raise ConfigError(
+                    [
+                        f"model.input_shape: {n_features} features are not a square image; "
+                        "set model.input_shape: [channels, height, width]"
+                    ]
+                )
             input_shape = [1, side, side]
         c, h, w = (int(v) for v in input_shape)
         if c * h * w != n_features:
-            raise ConfigError([f"model.input_shape: {input_shape} holds {c * h * w} values but the data has "
-                               f"{n_features} features"])
+            raise ConfigError(
+                [
+                    f"model.input_shape: {input_shape} holds {c * h * w} values but the data has "
+                    f"{n_features} features"
+                ]
+            )
         self.shape = (c, h, w)
         self.scale = Scale(input_scale)
         c1, c2 = channels
@@ -97,7 +119,9 @@ def build_model(cfg: ModelConfig, n_features: int, n_classes: int, init_seed: in
         factory = load_factory(cfg.name)
         model = factory(n_features, n_classes, **cfg.options)
         if not isinstance(model, nn.Module):
-            raise ConfigError([f"model.name: {cfg.name} returned {type(model).__name__}, expected a torch.nn.Module"])
+            raise ConfigError(
+                [f"model.name: {cfg.name} returned {type(model).__name__}, expected a torch.nn.Module"]
+            )
         return model
 
 
@@ -108,5 +132,9 @@ def load_factory(path: str):
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError([f"model.name: cannot import {path!r} ({exc}); expected 'package.module:Factory' "
-                           "importable from the current environment"]) from None
+        raise ConfigError(
+            [
+                f"model.name: cannot import {path!r} ({exc}); expected 'package.module:Factory' "
+                "importable from the current environment"
+            ]
+        ) from None

@@ -65,7 +65,9 @@ class Optimizer:
             sizes.append(self.lr / (1 - b1**t))
             roots.append((1 - b2**t) ** 0.5)
         shape = steps.shape
-        return torch.tensor(sizes, dtype=torch.float32).reshape(shape), torch.tensor(roots, dtype=torch.float32).reshape(shape)
+        return torch.tensor(sizes, dtype=torch.float32).reshape(shape), torch.tensor(
+            roots, dtype=torch.float32
+        ).reshape(shape)
 
     def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return t if self.stack is None else t.reshape(-1, *([1] * (like.dim() - 1)))

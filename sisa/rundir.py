@@ -78,7 +78,9 @@ class RunDir:
 
     def require(self) -> None:
         if not self.exists():
-            raise RunStateError(f"{self.root} is not a sisa run (no config.yaml); create one with `sisa train`")
+            raise RunStateError(
+                f"{self.root} is not a sisa run (no config.yaml); create one with `sisa train`"
+            )
 
     def config(self) -> Config:
         self.require()
@@ -102,8 +104,10 @@ class RunDir:
         self.require()
         m = self.manifest()
         if m is None:
-            raise RunStateError(f"{self.root}: training has not finished (no manifest.json); "
-                                "run `sisa train --resume` to complete it")
+            raise RunStateError(
+                f"{self.root}: training has not finished (no manifest.json); "
+                "run `sisa train --resume` to complete it"
+            )
         return m
 
     def index(self, verify: bool = True) -> RecordIndex:

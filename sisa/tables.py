@@ -96,8 +96,14 @@ def feature_columns(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
     return [c for c in df.columns if c not in reserved]
 
 
-def validate_table(df: pd.DataFrame, cfg: DataConfig, source: str, classes: list | None = None,
-                   feature_names: list[str] | None = None, require_labels: bool = True) -> Table:
+def validate_table(
+    df: pd.DataFrame,
+    cfg: DataConfig,
+    source: str,
+    classes: list | None = None,
+    feature_names: list[str] | None = None,
+    require_labels: bool = True,
+) -> Table:
     """Check ``df`` against the config and return a :class:`Table`; raise one DataError listing every problem.
 
     ``classes`` (frozen at training time) maps labels to indices; labels outside it are errors. With
@@ -127,7 +133,9 @@ def validate_table(df: pd.DataFrame, cfg: DataConfig, source: str, classes: list
     if cfg.subject_column and require_labels:
         s = df[cfg.subject_column]
         if s.isna().any():
-            problems.append(f"column {cfg.subject_column!r}: missing subject IDs at {_rows(s.isna().to_numpy())}")
+            problems.append(
+                f"column {cfg.subject_column!r}: missing subject IDs at {_rows(s.isna().to_numpy())}"
+            )
         subjects = s.reset_index(drop=True)
     prob = None
     if cfg.deletion_prob_column and require_labels:
@@ -164,8 +172,10 @@ def _check_ids(df: pd.DataFrame, col: str, problems: list[str]) -> pd.Series:
 def _check_features(df: pd.DataFrame, names: list[str], problems: list[str]) -> np.ndarray:
     bad = [c for c in names if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
-        problems.append(f"columns {bad[:10]}: non-numeric features (dtypes {[str(df[c].dtype) for c in bad[:10]]}); "
-                        "encode them as numbers or leave them out of data.features")
+        problems.append(
+            f"columns {bad[:10]}: non-numeric features (dtypes {[str(df[c].dtype) for c in bad[:10]]}); "
+            "encode them as numbers or leave them out of data.features"
+        )
         return np.zeros((len(df), len(names)), dtype=np.float32)
     values = df[names].to_numpy(dtype=np.float32)
     finite = np.isfinite(values)
@@ -195,8 +205,9 @@ def _check_labels(col: pd.Series, name: str, classes: list | None, problems: lis
     unknown = codes < 0
     if unknown.any():
         odd = sorted({str(v) for v in values[unknown]})[:10]
-        problems.append(f"column {name!r}: labels {odd} are not in the frozen class set {classes} "
-                        f"at {_rows(unknown)}")
+        problems.append(
+            f"column {name!r}: labels {odd} are not in the frozen class set {classes} at {_rows(unknown)}"
+        )
     return codes.astype(np.int64), classes
 
 
@@ -223,18 +234,23 @@ def features_for_prediction(data, feature_names: list[str]) -> np.ndarray:
         if missing:
             raise DataError("prediction input", [f"missing feature columns {missing[:10]}"])
         cfg = DataConfig(id_column="__none__", label_column="__none__", features=feature_names)
-        return validate_table(data, cfg, "prediction input", feature_names=feature_names,
-                              require_labels=False).features
+        return validate_table(
+            data, cfg, "prediction input", feature_names=feature_names, require_labels=False
+        ).features
     arr = np.asarray(data)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != len(feature_names):
-        raise DataError("prediction input", [f"expected shape [n, {len(feature_names)}], got {list(arr.shape)}"])
+        raise DataError(
+            "prediction input", [f"expected shape [n, {len(feature_names)}], got {list(arr.shape)}"]
+        )
     if arr.shape[0] == 0:
         raise DataError("prediction input", ["the input is empty (0 rows)"])
     if not np.issubdtype(arr.dtype, np.number):
         raise DataError("prediction input", [f"features must be numbers, got dtype {arr.dtype}"])
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        raise DataError("prediction input", [f"NaN or infinite values at {_rows(~np.isfinite(arr).all(axis=1))}"])
+        raise DataError(
+            "prediction input", [f"NaN or infinite values at {_rows(~np.isfinite(arr).all(axis=1))}"]
+        )
     return np.ascontiguousarray(arr)

@@ -118,22 +118,41 @@ def checkpoint_dir(spec: TrainSpec, shard: int, slice_idx: int, fingerprint: str
     return Path(spec.checkpoint_root) / f"shard-{shard:03d}" / checkpoint_name(slice_idx, fingerprint)
 
 
-def checkpoint_meta(spec: TrainSpec, job: ShardJob, k: int, records: int, samples: int, steps: int,
-                    executor: str, stack_width: int) -> dict:
+def checkpoint_meta(
+    spec: TrainSpec,
+    job: ShardJob,
+    k: int,
+    records: int,
+    samples: int,
+    steps: int,
+    executor: str,
+    stack_width: int,
+) -> dict:
     t = spec.config.training
     return {
-        "shard": job.shard, "slice": k, "fingerprint": job.fingerprints[k],
-        "parent": job.fingerprints[k - 1] if k else None, "config_digest": spec.config_digest,
-        "records": records, "samples_this_slice": samples, "optimizer_steps": steps,
-        "device": device_name(spec.device), "torch": torch.__version__, "executor": executor,
-        "stack_width": stack_width, "threads": t.threads, "deterministic": t.deterministic,
+        "shard": job.shard,
+        "slice": k,
+        "fingerprint": job.fingerprints[k],
+        "parent": job.fingerprints[k - 1] if k else None,
+        "config_digest": spec.config_digest,
+        "records": records,
+        "samples_this_slice": samples,
+        "optimizer_steps": steps,
+        "device": device_name(spec.device),
+        "torch": torch.__version__,
+        "executor": executor,
+        "stack_width": stack_width,
+        "threads": t.threads,
+        "deterministic": t.deterministic,
     }
 
 
 def initial_state(spec: TrainSpec, job: ShardJob):
     """A fresh model and optimizer for the shard, or both restored from checkpoint ``from_slice - 1``."""
     cfg = spec.config
-    model = build_model(cfg.model, spec.n_features, spec.n_classes, derive_seed(cfg.training.seed, "init", job.shard))
+    model = build_model(
+        cfg.model, spec.n_features, spec.n_classes, derive_seed(cfg.training.seed, "init", job.shard)
+    )
     model = model.to(spec.device)
     opt = Optimizer(cfg.training, dict(model.named_parameters()))
     if job.from_slice > 0:
@@ -162,7 +181,7 @@ def train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str =
             perm = epoch_permutation(cfg.training.seed, job.shard, k, j, n_k)[:rows].to(spec.device)
             torch.manual_seed(derive_seed(cfg.training.seed, "dropout", job.shard, k, j))
             for start in range(0, rows, bs):
-                idx = perm[start:start + bs]
+                idx = perm[start : start + bs]
                 for p in model.parameters():
                     p.grad = None
                 batch_loss(model(X[idx]), y[idx]).backward()

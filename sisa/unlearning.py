@@ -25,9 +25,15 @@ from .rundir import RunDir
 from .storage import writer_lock
 
 
-def delete(root: str | Path, record_ids: list | None = None, subject_ids: list | None = None, *,
-           wait_s: float = 0.0, on_ack: Callable[[dict], None] | None = None,
-           request_id: str | None = None) -> dict:
+def delete(
+    root: str | Path,
+    record_ids: list | None = None,
+    subject_ids: list | None = None,
+    *,
+    wait_s: float = 0.0,
+    on_ack: Callable[[dict], None] | None = None,
+    request_id: str | None = None,
+) -> dict:
     """Delete records (by ID) and/or every row of some data subjects; return the receipt.
 
     Raises :class:`UnknownRecordError` (nothing changed) when any ID is neither active nor already deleted.
@@ -43,8 +49,13 @@ def delete(root: str | Path, record_ids: list | None = None, subject_ids: list |
         secret, index = run.secret(), run.index()
         positions, already, subject_rows = _resolve(run, index, secret, record_ids, subject_ids)
         if len(positions) == 0:
-            return {"status": "already_deleted", "request_id": None, "records_deleted": 0,
-                    "already_deleted": already, "shards_retrained": {}}
+            return {
+                "status": "already_deleted",
+                "request_id": None,
+                "records_deleted": 0,
+                "already_deleted": already,
+                "shards_retrained": {},
+            }
         rows = index.active.iloc[positions]
         affected = rows.groupby("shard")["slice"].min().astype(int).to_dict()
         manifest = run.require_manifest()
@@ -54,9 +65,19 @@ def delete(root: str | Path, record_ids: list | None = None, subject_ids: list |
             request_id or new_request_id(),
             keyed_id_hashes(list(rows["record_id"]), secret, "record"),
             keyed_id_hashes(subject_ids, secret, "subject") if subject_ids else [],
-            affected, len(positions), before,
-            extra={"subject_rows": {h: n for h, n in zip(keyed_id_hashes(list(subject_rows), secret, "subject"),
-                                                         subject_rows.values(), strict=True)}},
+            affected,
+            len(positions),
+            before,
+            extra={
+                "subject_rows": {
+                    h: n
+                    for h, n in zip(
+                        keyed_id_hashes(list(subject_rows), secret, "subject"),
+                        subject_rows.values(),
+                        strict=True,
+                    )
+                }
+            },
         )
         if on_ack:
             on_ack(entry)
@@ -106,8 +127,9 @@ def _as_index_type(value, index: RecordIndex):
     return coerce_ids([value], index.active["subject_id"])[0]
 
 
-def apply_entry(run: RunDir, entry: dict, index: RecordIndex | None = None,
-                positions: np.ndarray | None = None) -> dict:
+def apply_entry(
+    run: RunDir, entry: dict, index: RecordIndex | None = None, positions: np.ndarray | None = None
+) -> dict:
     """Carry out a journaled request (idempotent). Caller holds the writer lock."""
     t0 = time.perf_counter()
     secret = run.secret()
@@ -122,20 +144,28 @@ def apply_entry(run: RunDir, entry: dict, index: RecordIndex | None = None,
         _purge_shard_data(run, index, s)
     report = refresh(run, shards)
     receipt = {
-        "request_id": entry["request_id"], "status": "applied", "records_deleted": entry["records"],
+        "request_id": entry["request_id"],
+        "status": "applied",
+        "records_deleted": entry["records"],
         "subjects_deleted": len(entry.get("subject_hashes", [])),
         "shards_retrained": {str(s): int(k) for s, k in entry["shards"].items()},
-        "slices_retrained": {str(j.shard): list(range(j.from_slice, len(j.fingerprints))) for j in report.jobs},
-        "fingerprints_before": entry["before"], "fingerprints_after": {str(s): fp for s, fp in report.after.items()},
+        "slices_retrained": {
+            str(j.shard): list(range(j.from_slice, len(j.fingerprints))) for j in report.jobs
+        },
+        "fingerprints_before": entry["before"],
+        "fingerprints_after": {str(s): fp for s, fp in report.after.items()},
         "optimizer_steps": sum(r.optimizer_steps for r in report.results),
         "samples_retrained": sum(r.samples for r in report.results),
-        "generation": report.generation, "seconds": round(time.perf_counter() - t0, 4),
+        "generation": report.generation,
+        "seconds": round(time.perf_counter() - t0, 4),
     }
     Journal(run.journal_dir).complete(entry, receipt)
     return receipt
 
 
-def _positions_by_hash(index: RecordIndex, secret: bytes, id_hashes: list[str], shards: list[int]) -> np.ndarray:
+def _positions_by_hash(
+    index: RecordIndex, secret: bytes, id_hashes: list[str], shards: list[int]
+) -> np.ndarray:
     in_shards = np.flatnonzero(index.active["shard"].isin(shards).to_numpy())
     hashes = keyed_id_hashes(list(index.active["record_id"].iloc[in_shards]), secret, "record")
     wanted = set(id_hashes)
