@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for another writer to finish instead of failing",
     )
+    dup = d.add_mutually_exclusive_group()
+    dup.add_argument("--check-duplicates", action="store_true",
+                     help="report other active records with identical features and label (IDs printed only)")
+    dup.add_argument("--delete-duplicates", action="store_true", help="delete such duplicates in the same request")
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
@@ -155,20 +159,31 @@ def _delete(a: argparse.Namespace) -> int:
 
     ids = list(a.ids) + _read_ids(a.ids_file)
     subjects = list(a.subjects) + _read_ids(a.subjects_file)
-    receipt = delete(a.run, ids, subjects, wait_s=a.wait)
+    dupes = "delete" if a.delete_duplicates else "report" if a.check_duplicates else "ignore"
+    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes)
     if a.json:
         print(json.dumps(receipt, indent=1, default=str))
     elif receipt["status"] == "already_deleted":
         print(f"already deleted, nothing retrained: {', '.join(map(str, receipt['already_deleted']))}")
     else:
-        shards = ", ".join(f"{s} (from slice {k})" for s, k in receipt["shards_retrained"].items())
-        print(
-            f"deleted {receipt['records_deleted']} record(s); request {receipt['request_id']}; "
-            f"retrained shard {shards} in {receipt['seconds']} s; generation {receipt['generation']}"
-        )
+        _print_receipt(receipt)
         if receipt.get("already_deleted"):
             print(f"already deleted before: {', '.join(map(str, receipt['already_deleted']))}")
+        if receipt.get("subject_rows"):
+            print("rows per subject: " + ", ".join(f"{s}: {n}" for s, n in receipt["subject_rows"].items()))
+        for key, what in (("duplicates_found", "duplicates still active"), ("duplicates_deleted", "duplicates deleted")):
+            if key in receipt:
+                print(f"{what}: {', '.join(map(str, receipt[key])) or 'none'}")
     return 0
+
+
+def _print_receipt(r: dict) -> None:
+    print(f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
+          f"generation {r['generation']}, {r['seconds']} s")
+    for s, k in r["shards_retrained"].items():
+        before, after = r["fingerprints_before"].get(s, "")[:12], r["fingerprints_after"].get(s, "")[:12]
+        print(f"  shard {s}: retrained from slice {k}; fingerprint {before} -> {after}")
+    print(f"  retraining cost: {r['samples_retrained']} samples, {r['optimizer_steps']} optimizer steps")
 
 
 @command("status")

@@ -287,6 +287,29 @@ def make_tabular(
     return pd.concat([head, pd.DataFrame(x, columns=[f"x{j}" for j in range(n_features)])], axis=1)
 
 
+def make_subjects(
+    n_rows: int,
+    n_subjects: int,
+    seed: int = 0,
+    top_share: float = 0.05,
+    zipf_a: float = 1.1,
+    n_features: int = 8,
+    n_classes: int = 3,
+) -> pd.DataFrame:
+    """A :func:`make_tabular` table whose rows belong to data subjects with a skewed (Zipf-like) distribution.
+
+    Subject ``person-00000`` owns about ``top_share`` of the rows (the largest share); the others follow a
+    Zipf-Mandelbrot tail 1/(rank + 10)**zipf_a. The ``subject_id`` column identifies the person (a string; never a
+    feature)."""
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    tail = 1.0 / (np.arange(1, n_subjects, dtype=np.float64) + 10.0) ** zipf_a
+    weights = np.concatenate([[top_share], (1.0 - top_share) * tail / tail.sum()])
+    owner = rng.choice(n_subjects, size=n_rows, p=weights)
+    df = make_tabular(n_rows, seed=seed, n_features=n_features, n_classes=n_classes)
+    df.insert(1, "subject_id", pd.array([f"person-{k:05d}" for k in owner], dtype="str"))
+    return df
+
+
 # ----------------------------------------------------------------- output
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp)`` on a temp file next to ``path``, then ``os.replace`` it."""

@@ -20,6 +20,7 @@ import pandas as pd
 from .aggregation import Ensemble
 from .checkpoints import checkpoint_name, fingerprint_chain, is_complete
 from .config import Config
+from .duplicates import row_hashes
 from .executors import run_jobs
 from .index import RecordIndex
 from .rundir import RunDir, shard_data
@@ -89,7 +90,8 @@ def create_run(
     frame = table.frame()
     frame["_slice"] = placement["slice"].to_numpy(np.int32)
     frame["_order"] = placement["order"].to_numpy(np.uint64)
-    frame = frame[["_record_id", "_label", "_slice", "_order", *table.feature_names]]
+    frame["_row_hash"] = row_hashes(table.features, table.labels)
+    frame = frame[["_record_id", "_label", "_slice", "_order", "_row_hash", *table.feature_names]]
     shard_of = placement["shard"].to_numpy()
     for s in range(config.sharding.shards):
         part = frame.loc[shard_of == s]

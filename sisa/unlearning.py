@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .duplicates import find_duplicates
 from .exceptions import ConfigError, RunLockedError, UnknownRecordError
 from .fitting import refresh
 from .index import RecordIndex, keyed_id_hashes
@@ -33,12 +34,17 @@ def delete(
     wait_s: float = 0.0,
     on_ack: Callable[[dict], None] | None = None,
     request_id: str | None = None,
+    duplicates: str = "ignore",
 ) -> dict:
     """Delete records (by ID) and/or every row of some data subjects; return the receipt.
 
     Raises :class:`UnknownRecordError` (nothing changed) when any ID is neither active nor already deleted.
     ``on_ack`` is called right after the request is journaled (the server uses it to stop the shards serving).
+    ``duplicates``: ``"report"`` lists other active records with identical features and label in the returned
+    receipt (never on disk); ``"delete"`` deletes them in the same request.
     """
+    if duplicates not in ("ignore", "report", "delete"):
+        raise ConfigError([f"delete: duplicates must be ignore, report or delete, got {duplicates!r}"])
     run = RunDir(root)
     run.require_manifest()
     record_ids, subject_ids = _unique(record_ids), _unique(subject_ids)
@@ -48,6 +54,9 @@ def delete(
         recover(run, locked=True)
         secret, index = run.secret(), run.index()
         positions, already, subject_rows = _resolve(run, index, secret, record_ids, subject_ids)
+        dupes = find_duplicates(run, index, positions) if duplicates != "ignore" and len(positions) else []
+        if duplicates == "delete" and dupes:
+            positions = np.union1d(positions, index.positions_of(dupes)).astype(np.int64)
         if len(positions) == 0:
             return {
                 "status": "already_deleted",
@@ -83,6 +92,8 @@ def delete(
             on_ack(entry)
         receipt = apply_entry(run, entry, index, positions)
         receipt["already_deleted"] = already
+        if duplicates != "ignore":  # returned to the caller only: the stored receipt never names record IDs
+            receipt["duplicates_deleted" if duplicates == "delete" else "duplicates_found"] = dupes
         if subject_ids:
             receipt["subject_rows"] = {str(s): int(n) for s, n in subject_rows.items()}
         return receipt
