@@ -108,8 +108,13 @@ class Ensemble:
         return torch.tensor([float(w[s]) for s in self.models], dtype=torch.float32)
 
     def predict_proba(self, X: np.ndarray, mode: str | None = None) -> np.ndarray:
-        probs = self.shard_probabilities(X, mode).cpu()
         w = self.weights()
+        if self.models and not float(w.sum()) > 0:  # all weight on excluded shards: 0/0 would answer NaN
+            raise RunStateError(
+                f"no serving shard has a positive aggregation weight (serving shards {self.shards}, "
+                f"weights {w.tolist()}); wait for the retraining shards or change aggregation.weights"
+            )
+        probs = self.shard_probabilities(X, mode).cpu()
         if self.config.aggregation.method == "hard":
             votes = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
             agg = (votes * w[:, None, None]).sum(0)

@@ -32,7 +32,7 @@ from safetensors.torch import save as st_save
 
 from .exceptions import IntegrityError
 from .sharding import canonical_keys
-from .storage import TMP_PREFIX, fsync_dir, read_json, remove_tree, sha256_bytes
+from .storage import TMP_PREFIX, crash_point, fsync_dir, read_json, remove_tree, replace_path, sha256_bytes
 
 FORMAT = "sisa-checkpoint/1"
 
@@ -86,6 +86,7 @@ def save_checkpoint(
         ("meta.json", meta_bytes),
         ("COMPLETE", sha256_bytes(meta_bytes).encode()),
     ]:
+        crash_point("write:", folder / name)  # written in the temp folder, named by its final place
         with open(tmp / name, "wb") as f:
             f.write(data)
             f.flush()
@@ -93,8 +94,7 @@ def save_checkpoint(
     fsync_dir(tmp)
     if folder.exists():  # a leftover from an interrupted run with the same fingerprint: replace it
         remove_tree(folder)
-    os.replace(tmp, folder)
-    fsync_dir(folder.parent)
+    replace_path(tmp, folder)
 
 
 def is_complete(folder: Path) -> bool:

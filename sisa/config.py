@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,17 @@ class Config:
     def from_dict(cls, raw: dict[str, Any] | None) -> Config:
         problems: list[str] = []
         cfg = _build(cls, raw or {}, "", problems)
+        try:
+            cfg.validate()
+        except ConfigError as exc:  # report range problems together with type problems, once per key
+            typed = {p.split(":")[0] for p in problems}
+            problems += [p for p in exc.problems if p.split(":")[0] not in typed]
+        except (TypeError, ValueError):
+            if not problems:
+                raise
+            # a value of the wrong type broke a range check; its type problem is already listed
         if problems:
             raise ConfigError(problems)
-        cfg.validate()
         return cfg
 
     @classmethod
@@ -168,9 +177,12 @@ class Config:
             p.append(
                 f"model.name: expected 'mlp', 'cnn' or an import path 'package.module:Factory', got {m.name!r}"
             )
-        if any((not isinstance(h, int)) or h <= 0 for h in m.hidden):
+        if not isinstance(m.hidden, list) or any((not isinstance(h, int)) or h <= 0 for h in m.hidden):
             p.append(f"model.hidden: expected a list of positive integers, got {m.hidden!r}")
-        if m.input_shape is not None and (len(m.input_shape) != 3 or any(int(v) <= 0 for v in m.input_shape)):
+        if m.input_shape is not None and (
+            len(m.input_shape) != 3
+            or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in m.input_shape)
+        ):
             p.append(f"model.input_shape: expected [channels, height, width], got {m.input_shape!r}")
         _choice(p, "aggregation.method", a.method, ("soft", "hard"))
         _choice(p, "aggregation.inference", a.inference, ("auto", "loop", "stacked"))
@@ -238,6 +250,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+# Scientific notation without a dot (1e-3, 5E+2), which PyYAML's YAML 1.1 resolver leaves as a string.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
 def _coerce(name: str, value: Any, ftype: str, problems: list[str]) -> Any:
     """Light type checks for leaf values; YAML already gives int/float/str/list/None."""
     if value is None:
@@ -247,6 +263,10 @@ def _coerce(name: str, value: Any, ftype: str, problems: list[str]) -> Any:
         return value
     if ftype == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if ftype == "float" and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    if ftype.startswith("list[float]") and isinstance(value, list):
+        value = [float(v) if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v.strip()) else v for v in value]
     expected = {"int": int, "float": float, "str": str, "bool": bool}.get(ftype.split(" |")[0])
     if (
         expected is not None

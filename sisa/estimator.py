@@ -35,13 +35,14 @@ class SisaClassifier:
         overrides: list[str] | None = None,
     ):
         if isinstance(config, (str, Path)):
-            config = Config.load(config, overrides)
-        elif isinstance(config, dict):
-            config = Config.from_dict(config)
-        elif config is None:
-            config = Config()
-        if overrides and not isinstance(config, Config):
-            config = config.with_overrides(overrides)
+            config = Config.load(config, overrides)  # applies the overrides
+        else:
+            if isinstance(config, dict):
+                config = Config.from_dict(config)
+            elif config is None:
+                config = Config()
+            if overrides:
+                config = config.with_overrides(overrides)
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._ensemble: Ensemble | None = None

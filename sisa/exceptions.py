@@ -81,9 +81,21 @@ class IntegrityError(SisaError, RuntimeError):
     exit_code = 5
 
     def __init__(self, path, reason: str):
-        self.path = str(path)
+        self.path, self.reason = str(path), reason
         super().__init__(
             f"integrity check failed for {self.path}: {reason} (run `sisa repair` to rebuild it)"
+        )
+
+
+class UnrepairableError(IntegrityError):
+    """A corrupted file the run cannot rebuild from its own contents (shard data, index): only a backup can."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        SisaError.__init__(
+            self,
+            f"{self.path}: {reason}; it cannot be rebuilt from the run alone: restore it from a backup, "
+            "or train a new run from the original data with `sisa train`",
         )
 
 
@@ -93,3 +105,7 @@ class IncompatibleCheckpointError(SisaError, RuntimeError):
 
 class AuthError(SisaError, PermissionError):
     """A request lacked the credentials an operation needs (serving)."""
+
+
+class ClusterError(SisaError, RuntimeError):
+    """A Dask cluster cannot train this run: workers cannot import sisa, or they do not share the run folder."""

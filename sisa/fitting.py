@@ -21,6 +21,7 @@ from .aggregation import Ensemble
 from .checkpoints import checkpoint_name, fingerprint_chain, is_complete
 from .config import Config
 from .duplicates import row_hashes
+from .exceptions import IntegrityError
 from .executors import run_jobs
 from .index import RecordIndex
 from .rundir import RunDir, shard_data
@@ -129,13 +130,22 @@ def plan(run: RunDir, config: Config, shards: list[int]) -> tuple[list[ShardJob]
     return jobs, data, chains
 
 
-def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) -> RefreshReport:
-    """Retrain what the stored data invalidated, swap the manifest, delete stale checkpoints. Caller holds the lock."""
+def refresh(
+    run: RunDir, shards: list[int] | None = None, metrics: bool = True, staged: dict[str, str] | None = None
+) -> RefreshReport:
+    """Retrain what the stored data invalidated, swap the manifest, delete stale checkpoints. Caller holds the lock.
+
+    Every data file it reads must match the old manifest or ``staged`` (the checksums a pending deletion recorded
+    before writing): a corrupted file is never trained on. Refreshing a run that is already consistent changes
+    nothing, not even the generation, so replaying an interrupted request is idempotent."""
     t0 = time.perf_counter()
     config = run.config()
     old = run.manifest()
     shards = list(range(config.sharding.shards)) if shards is None else sorted(set(shards))
     jobs, data, chains = plan(run, config, shards)
+    current = {f"data/shard-{s:03d}.parquet": chains[s]["sha256"] for s in shards}
+    current.update({n: sha256_file(run.root / n) for n in ("index.parquet", "tombstones.parquet")})
+    _check_files(run, old, current, staged or {})
     spec = train_spec(run, config)
     bar = _progress(config, len(jobs))
     results = run_jobs(
@@ -154,9 +164,7 @@ def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) 
             "fingerprint": fps[-1],
             "checkpoints": [checkpoint_name(k, fp) for k, fp in enumerate(fps)],
         }
-        files[f"data/shard-{s:03d}.parquet"] = chains[s]["sha256"]
-    for name in ("index.parquet", "tombstones.parquet"):
-        files[name] = sha256_file(run.root / name)
+    files.update(current)
     generation = (old["generation"] if old else 0) + 1
     manifest = {
         "generation": generation,
@@ -166,9 +174,14 @@ def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) 
         "executor": config.training.executor,
         "metrics": old.get("metrics", {}) if old else {},
     }
-    if metrics:
-        manifest["metrics"] = evaluate(run, config, manifest)
-    run.write_manifest(manifest)
+    if old is not None and all(
+        old.get(k) == manifest[k] for k in ("config_digest", "shards", "files", "executor")
+    ):
+        manifest, generation = old, old["generation"]  # nothing changed: keep the live generation
+    else:
+        if metrics:
+            manifest["metrics"] = evaluate(run, config, manifest)
+        run.write_manifest(manifest)
     collect_garbage(run, manifest, shards)
     return RefreshReport(
         generation,
@@ -178,6 +191,14 @@ def refresh(run: RunDir, shards: list[int] | None = None, metrics: bool = True) 
         {s: entries[s]["fingerprint"] for s in shards},
         time.perf_counter() - t0,
     )
+
+
+def _check_files(run: RunDir, old: dict | None, current: dict[str, str], staged: dict[str, str]) -> None:
+    """Refuse to train on a data file that is neither the manifest's version nor one a deletion staged."""
+    named = (old or {}).get("files", {})
+    for rel, sha in current.items():
+        if rel in named and sha not in (named[rel], staged.get(rel)):
+            raise IntegrityError(run.root / rel, "checksum mismatch (file changed or truncated)")
 
 
 def collect_garbage(run: RunDir, manifest: dict, shards: list[int]) -> None:
@@ -226,7 +247,10 @@ def train(
     """Train a SISA ensemble into ``root`` (or finish an interrupted training with ``resume``)."""
     run = RunDir(root)
     if resume and run.exists():
+        from .unlearning import recover  # unlearning builds on this module
+
         with writer_lock(run.root, wait_s, "train --resume"):
+            recover(run, locked=True)  # an acknowledged deletion first, then whatever training left undone
             return run, refresh(run)
     if isinstance(data, pd.DataFrame):
         table = validate_table(data, config.data, "training data", classes=config.data.classes)

@@ -34,6 +34,9 @@ def coerce_ids(requested: list, like: pd.Series) -> list:
     if pd.api.types.is_integer_dtype(like):
         out = []
         for v in requested:
+            if isinstance(v, (bool, np.bool_)) or (isinstance(v, float) and not v.is_integer()):
+                out.append(str(v))  # True or 3.7 is no integer ID (int() would turn them into 1 and 3)
+                continue
             try:
                 out.append(int(v))
             except (TypeError, ValueError):

@@ -55,6 +55,23 @@ class Journal:
         atomic_write_json(self.path(request_id), entry)
         return entry
 
+    def stage(self, entry: dict, files: dict[str, str]) -> dict:
+        """Record (durably, still pending) the SHA-256 of files this request is about to write, before writing them.
+
+        A file read while the request is pending is then accepted only as the manifest's version or the staged
+        one, so a torn or corrupted file is never mistaken for the result of an interrupted deletion."""
+        staged = {**entry, "staged": {**entry.get("staged", {}), **files}}
+        atomic_write_json(self.path(entry["request_id"]), staged)
+        return staged
+
+    def staged(self) -> dict[str, set[str]]:
+        """Checksums staged by pending requests, per run-relative file name."""
+        out: dict[str, set[str]] = {}
+        for e in self.pending():
+            for name, sha in e.get("staged", {}).items():
+                out.setdefault(name, set()).add(sha)
+        return out
+
     def complete(self, entry: dict, receipt: dict) -> dict:
         done = {**entry, "status": APPLIED, "applied": time.time(), "receipt": receipt}
         atomic_write_json(self.path(entry["request_id"]), done)

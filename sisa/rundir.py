@@ -26,7 +26,8 @@ import yaml
 
 from .config import Config
 from .exceptions import IntegrityError, RunStateError
-from .index import RecordIndex
+from .index import TOMBSTONES_FILE, RecordIndex
+from .journal import Journal
 from .storage import atomic_write_bytes, atomic_write_json, read_json, read_parquet, write_parquet
 from .training import ShardData
 
@@ -110,19 +111,62 @@ class RunDir:
             )
         return m
 
+    def read_generation(self, load, attempts: int = 5):
+        """``load(manifest)`` on one whole live generation, e.g. ``Ensemble.from_manifest``.
+
+        A writer deletes the checkpoints of the generation it replaces right after swapping the manifest, so a
+        reader that read the old manifest just before may find one gone (IntegrityError). Then it reads the new
+        manifest and loads again; an error under an unchanged manifest is real and is raised."""
+        for _ in range(attempts):
+            manifest = self.require_manifest()
+            try:
+                return load(manifest)
+            except IntegrityError:
+                if self.require_manifest().get("generation") == manifest.get("generation"):
+                    raise
+        raise RunStateError(f"{self.root}: the run changed {attempts} times while loading; try again")
+
     def index(self, verify: bool = True) -> RecordIndex:
-        m = self.manifest() if verify else None
-        sha = {k: v for k, v in (m or {}).get("files", {}).items() if "/" not in k}
-        cfg = self.config()
-        return RecordIndex.load(self.index_path, sha, has_subjects=bool(cfg.data.subject_column))
+        has_subjects = bool(self.config().data.subject_column)
+        if not verify:
+            return RecordIndex.load(self.index_path, None, has_subjects=has_subjects)
+        return self._verified_read(
+            lambda accepted: RecordIndex.load(self.index_path, accepted, has_subjects=has_subjects),
+            [self.index_path.name, TOMBSTONES_FILE],
+        )
 
     def shard_frame(self, shard: int, verify: bool = True) -> pd.DataFrame:
-        sha = self._expected_sha(f"data/shard-{shard:03d}.parquet") if verify else None
-        return read_parquet(self.data_path(shard), sha)
+        rel = f"data/shard-{shard:03d}.parquet"
+        if not verify:
+            return read_parquet(self.data_path(shard), None)
+        return self._verified_read(
+            lambda accepted: read_parquet(self.data_path(shard), accepted.get(rel)), [rel]
+        )
 
-    def _expected_sha(self, rel: str) -> str | None:
+    def accepted_checksums(self, names: list[str], staged: bool = True) -> dict[str, set[str]]:
+        """Acceptable SHA-256s per run-relative file: the manifest's, plus any staged by a pending deletion.
+
+        A file the manifest does not name (a run whose first training has not finished) has no entry."""
         m = self.manifest()
-        return None if m is None else m.get("files", {}).get(rel)
+        files = (m or {}).get("files", {})
+        extra = Journal(self.journal_dir).staged() if staged else {}
+        return {n: {files[n], *extra.get(n, ())} for n in names if n in files}
+
+    def _verified_read(self, read, names: list[str]):
+        """Read with checksums: the manifest's first; on a mismatch, also those of pending deletions, re-read.
+
+        A writer stages a checksum before writing the file and swaps the manifest before completing the request,
+        so a reader that saw the new file also sees the new checksum when it looks again."""
+        accepted = self.accepted_checksums(names, staged=False)
+        for _ in range(3):
+            try:
+                return read(accepted)
+            except IntegrityError:
+                again = self.accepted_checksums(names)
+                if again == accepted:
+                    raise
+                accepted = again
+        return read(accepted)
 
     # ---- writes -----------------------------------------------------------------------------------------------
     def write_index(self, index: RecordIndex) -> dict[str, str]:

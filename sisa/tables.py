@@ -36,7 +36,16 @@ def _npz_frame(path: Path) -> pd.DataFrame:
     cols: dict[str, np.ndarray] = {}
     with np.load(path, allow_pickle=False) as z:
         for key in z.files:
-            arr = z[key]
+            try:
+                arr = z[key]
+            except ValueError:  # an object array: loading it would unpickle
+                raise DataError(
+                    str(path),
+                    [
+                        f"array {key!r} is an object array, which cannot be read without pickle; "
+                        "save strings as a fixed-width str array (np.asarray(values, dtype=str))"
+                    ],
+                ) from None
             if arr.ndim == 1:
                 cols[key] = arr
             elif arr.ndim == 2:
@@ -158,7 +167,9 @@ def _check_ids(df: pd.DataFrame, col: str, problems: list[str]) -> pd.Series:
     ids = df[col].reset_index(drop=True)
     if ids.isna().any():
         problems.append(f"column {col!r}: missing record IDs at {_rows(ids.isna().to_numpy())}")
-    if not (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids) or ids.dtype == object):
+    if _integral_with_gaps(ids):
+        pass  # an integer column with blanks (CSV reads it as float): the missing IDs are the problem
+    elif not (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids) or ids.dtype == object):
         problems.append(f"column {col!r}: record IDs must be integers or strings, got dtype {ids.dtype}")
     elif ids.dtype == object:
         ids = ids.astype("string")
@@ -169,13 +180,27 @@ def _check_ids(df: pd.DataFrame, col: str, problems: list[str]) -> pd.Series:
     return ids
 
 
+def _integral_with_gaps(ids: pd.Series) -> bool:
+    if not pd.api.types.is_float_dtype(ids) or not ids.isna().any():
+        return False
+    v = ids.dropna().to_numpy()
+    return bool(np.all(v == np.round(v)))
+
+
 def _check_features(df: pd.DataFrame, names: list[str], problems: list[str]) -> np.ndarray:
     bad = [c for c in names if not pd.api.types.is_numeric_dtype(df[c])]
-    if bad:
-        problems.append(
-            f"columns {bad[:10]}: non-numeric features (dtypes {[str(df[c].dtype) for c in bad[:10]]}); "
-            "encode them as numbers or leave them out of data.features"
+    for c in bad[:10]:
+        col = df[c].reset_index(drop=True)
+        text = col.notna().to_numpy() & pd.to_numeric(col, errors="coerce").isna().to_numpy()
+        what = (
+            f"non-numeric feature values at {_rows(text)} (e.g. {col[text].iloc[0]!r})"
+            if text.any()
+            else f"feature values stored as text (dtype {col.dtype})"
         )
+        problems.append(
+            f"column {c!r}: {what}; encode them as numbers or leave the column out of data.features"
+        )
+    if bad:
         return np.zeros((len(df), len(names)), dtype=np.float32)
     values = df[names].to_numpy(dtype=np.float32)
     finite = np.isfinite(values)

@@ -17,13 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import checkpoint_name, load_checkpoint
 from .duplicates import find_duplicates
-from .exceptions import ConfigError, RunLockedError, UnknownRecordError
-from .fitting import refresh
+from .exceptions import ConfigError, IntegrityError, RunLockedError, UnknownRecordError, UnrepairableError
+from .fitting import plan, refresh
 from .index import RecordIndex, keyed_id_hashes
 from .journal import Journal, new_request_id
 from .rundir import RunDir
-from .storage import writer_lock
+from .storage import (
+    TMP_PREFIX,
+    atomic_write_bytes,
+    parquet_bytes,
+    remove_tree,
+    sha256_bytes,
+    sha256_file,
+    temp_leftovers,
+    writer_lock,
+)
 
 
 def delete(
@@ -69,6 +79,7 @@ def delete(
         affected = rows.groupby("shard")["slice"].min().astype(int).to_dict()
         manifest = run.require_manifest()
         before = {e["shard"]: e["fingerprint"] for e in manifest["shards"] if e["shard"] in affected}
+        _require_retrainable(run, manifest, affected)
         journal = Journal(run.journal_dir)
         entry = journal.begin(
             request_id or new_request_id(),
@@ -145,15 +156,21 @@ def apply_entry(
     t0 = time.perf_counter()
     secret = run.secret()
     shards = sorted(int(s) for s in entry["shards"])
+    journal = Journal(run.journal_dir)
     if index is None:
-        index = run.index(verify=False)
+        index = run.index()  # verified: the manifest's version, or the one this request staged
         positions = _positions_by_hash(index, secret, entry["id_hashes"], shards)
+    files: dict[str, bytes] = {}
     if positions is not None and len(positions):
         index.remove(positions, secret, entry["request_id"], subject_hashes=entry.get("subject_hashes", []))
-        run.write_index(index)
+        files.update(_index_files(run, index))
     for s in shards:
-        _purge_shard_data(run, index, s)
-    report = refresh(run, shards)
+        files.update(_purged_shard_data(run, index, s))
+    if files:  # write-ahead: the checksums go into the journal before the files change
+        entry = journal.stage(entry, {rel: sha256_bytes(data) for rel, data in files.items()})
+        for rel, data in files.items():  # tombstones before the index (see RecordIndex.save)
+            atomic_write_bytes(run.root / rel, data)
+    report = refresh(run, shards, staged=entry.get("staged", {}))
     receipt = {
         "request_id": entry["request_id"],
         "status": "applied",
@@ -170,7 +187,7 @@ def apply_entry(
         "generation": report.generation,
         "seconds": round(time.perf_counter() - t0, 4),
     }
-    Journal(run.journal_dir).complete(entry, receipt)
+    journal.complete(entry, receipt)
     return receipt
 
 
@@ -183,24 +200,123 @@ def _positions_by_hash(
     return in_shards[[h in wanted for h in hashes]] if len(in_shards) else in_shards
 
 
-def _purge_shard_data(run: RunDir, index: RecordIndex, shard: int) -> None:
-    """Rewrite the shard's data file without rows that are no longer in the index (the real erasure)."""
-    frame = run.shard_frame(shard, verify=False)
+def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) -> None:
+    """Before acknowledging, check the files the retrain will need (shard data, the checkpoint it resumes from):
+    a corrupted one fails the request now, with nothing changed, instead of leaving it pending."""
+    entries = {e["shard"]: e for e in manifest["shards"]}
+    for s, k in affected.items():
+        path = run.data_path(s)
+        if not path.is_file():
+            raise IntegrityError(path, "file is missing")
+        if sha256_file(path) != manifest["files"].get(f"data/{path.name}"):
+            raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
+        if k > 0:
+            load_checkpoint(run.shard_checkpoints(s) / entries[s]["checkpoints"][k - 1])
+
+
+def _index_files(run: RunDir, index: RecordIndex) -> dict[str, bytes]:
+    """The bytes :meth:`RecordIndex.save` writes (tombstones first), produced in a scratch folder of the run."""
+    scratch = run.root / f"{TMP_PREFIX}index"
+    remove_tree(scratch)
+    scratch.mkdir()
+    names = list(index.save(scratch / run.index_path.name))
+    files = {name: (scratch / name).read_bytes() for name in names}
+    remove_tree(scratch)
+    return files
+
+
+def _purged_shard_data(run: RunDir, index: RecordIndex, shard: int) -> dict[str, bytes]:
+    """The shard's data file without rows that are no longer in the index (the real erasure); {} if unchanged."""
+    frame = run.shard_frame(shard)  # verified: the manifest's version, or the one this request staged
     live = index.active.loc[index.active["shard"] == shard, "record_id"]
     keep = frame["_record_id"].isin(live).to_numpy()
-    if not keep.all():
-        run.write_shard_frame(shard, frame.loc[keep].reset_index(drop=True))
+    if keep.all():
+        return {}
+    rel = run.data_path(shard).relative_to(run.root).as_posix()
+    return {rel: parquet_bytes(frame.loc[keep].reset_index(drop=True))}
 
 
 def recover(run: RunDir, locked: bool = False) -> list[dict]:
-    """Replay pending journal entries to completion. Without ``locked``, takes the lock if it is free."""
+    """Replay pending journal entries to completion and clear leftovers of interrupted writes.
+
+    Every command that opens a run calls this first. Without ``locked`` it takes the writer lock only if it is
+    free: a writer holding it replays pending requests itself before doing anything else."""
     journal = Journal(run.journal_dir)
-    if not journal.pending():
+    if not journal.pending() and not temp_leftovers(run.root):
         return []
     if locked:
-        return [apply_entry(run, e) for e in journal.pending()]
+        return _replay(run, journal)
     try:
         with writer_lock(run.root, 0.0, "recovery"):
-            return [apply_entry(run, e) for e in journal.pending()]
+            return _replay(run, journal)
     except RunLockedError:
         return []  # the writer holding the lock is applying them
+
+
+def _replay(run: RunDir, journal: Journal) -> list[dict]:
+    receipts = [apply_entry(run, e) for e in journal.pending()]
+    for leftover in temp_leftovers(run.root):  # a crash before the journal write leaves only these
+        remove_tree(leftover)
+    return receipts
+
+
+def repair(root: str | Path, shards: list[int] | None = None, *, wait_s: float = 0.0) -> dict:
+    """Rebuild what the run can rebuild from itself: every corrupted, truncated or missing checkpoint.
+
+    Data files (index, tombstones, shard data) are checked first: a bad one cannot be rebuilt from the run alone
+    (:class:`UnrepairableError`, nothing changed). Then every checkpoint the manifest names is loaded and verified;
+    a bad one is deleted and :func:`refresh` retrains its shard from the last valid slice, bit-identical to the
+    original on the same device. Pending deletions are replayed too.
+    """
+    run = RunDir(root)
+    run.require_manifest()
+    t0 = time.perf_counter()
+    with writer_lock(run.root, wait_s, "repair"):
+        config, manifest = run.config(), run.require_manifest()
+        shards = sorted(set(shards)) if shards else list(range(config.sharding.shards))
+        for s in shards:
+            _require_intact(lambda s=s: run.shard_frame(s))
+        _require_intact(run.index)
+        chains = plan(run, config, shards)[2]
+        named = {e["shard"]: e["checkpoints"] for e in manifest["shards"]}
+        removed = []
+        for s in shards:
+            removed += _remove_bad_checkpoints(run, s, chains[s]["fingerprints"], named.get(s, []))
+        replayed = _replay(run, Journal(run.journal_dir))
+        report = refresh(run, shards)
+    return {
+        "run": str(run.root),
+        "shards_checked": shards,
+        "checkpoints_rebuilt": removed,
+        "shards_retrained": {str(j.shard): j.from_slice for j in report.jobs},
+        "deletions_replayed": [r["request_id"] for r in replayed],
+        "generation": report.generation,
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+
+
+def _require_intact(read: Callable[[], object]) -> None:
+    try:
+        read()
+    except IntegrityError as exc:
+        raise UnrepairableError(exc.path, exc.reason) from None
+
+
+def _remove_bad_checkpoints(run: RunDir, shard: int, fingerprints: list[str], named: list[str]) -> list[str]:
+    """Delete each checkpoint of the shard's chain (as the stored data gives it) that fails verification.
+
+    Returns the run-relative paths of those and of checkpoints the manifest names that are missing; both are
+    rebuilt by the refresh that follows. Stale checkpoints of a pending deletion are left to its replay."""
+    removed = []
+    for k, fp in enumerate(fingerprints):
+        folder = run.shard_checkpoints(shard) / checkpoint_name(k, fp)
+        rel = folder.relative_to(run.root).as_posix()
+        if not folder.exists():
+            removed += [rel] if folder.name in named else []
+            continue
+        try:
+            load_checkpoint(folder, fp)
+        except IntegrityError:
+            remove_tree(folder)
+            removed.append(rel)
+    return removed

@@ -1,0 +1,208 @@
+"""Kill -9 a real ``python -m sisa.cli delete`` at many moments; recovery must give the uninterrupted result.
+
+The moments come from the fault hook in :func:`sisa.storage.crash_point`: one in-process deletion, run with
+``SISA_CRASH_LOG``, lists every durable step (write, torn temp file, rename, removal) in order; each trial copies the
+trained base run, starts the CLI with ``SISA_CRASH_AT=N`` so that it SIGKILLs itself at step N, recovers with
+``sisa status`` and compares the run with the uninterrupted deletion.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sisa import cli
+from sisa.datasets import make_tabular
+from sisa.journal import Journal
+from sisa.rundir import RunDir
+from sisa.storage import CRASH_AT_ENV, CRASH_LOG_ENV, read_parquet, reset_crash_counter, temp_leftovers
+from sisa.unlearning import delete
+from tests.conftest import assert_runs_identical, small_config, train_run
+
+REPO = Path(__file__).resolve().parents[1]
+DELETE_IDS = ["3", "17"]  # shard 0 from slice 0 and shard 1 from slice 2: both shards, several checkpoints
+CONFIG = small_config(
+    sharding={"shards": 2, "slices": 3}, model={"hidden": [8]}, training={"epochs": 1, "batch_size": 32}
+)
+PARALLEL = 2
+
+
+@dataclass
+class Setup:
+    root: Path
+    base: RunDir
+    reference: RunDir
+    points: list[str]  # point names, in order; SISA_CRASH_AT=N kills at points[N - 1]
+
+    @property
+    def acknowledged_from(self) -> int:
+        """The first N at which the request is acknowledged (the journal entry's rename has happened)."""
+        return next(i for i, p in enumerate(self.points, 1) if p.startswith("replaced:journal/"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    root = tmp_path_factory.mktemp("crash")
+    df = make_tabular(200, seed=1, n_features=6, n_classes=3, string_labels=True)
+    base = train_run(root / "base", df, CONFIG)
+    shutil.copytree(base.root, root / "reference")
+    log = root / "points.log"
+    os.environ[CRASH_LOG_ENV] = str(log)
+    reset_crash_counter()
+    try:
+        delete(root / "reference", DELETE_IDS)
+    finally:
+        del os.environ[CRASH_LOG_ENV]
+        reset_crash_counter()
+    points = [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
+    return Setup(root, base, RunDir(root / "reference"), points)
+
+
+# One or more crash moments per phase of a deletion: (pattern, which occurrences; None = all).
+PHASES = [
+    (r"(write|torn|replace|replaced):journal/", [0, 1, 2, 3]),  # around the acknowledgement
+    (r"remove:\.tmp-index/", [0]),  # the index being prepared in scratch
+    (r"replaced:journal/", [1]),  # checksums staged in the journal
+    (r"replaced:tombstones\.parquet$", [0]),  # between the two index files
+    (r"torn:index\.parquet$", [0]),
+    (r"replaced:data/shard-000\.parquet$", [0]),  # purging shard data
+    (r"torn:data/shard-001\.parquet$", [0]),
+    (r"write:checkpoints/shard-000/slice-000-.*/model", [0]),  # inside a checkpoint's temp folder
+    (r"replaced:checkpoints/", None),  # between checkpoint writes
+    (r"(torn|replace|replaced):manifest\.json$", None),  # the manifest swap
+    (r"remove:checkpoints/shard-", [0]),  # deleting invalidated checkpoints
+    (r"rmdir:checkpoints/", [0]),
+    (r"torn:journal/", [-1]),  # marking the request applied
+    (r"replaced:journal/", [-1]),
+]
+
+
+def spread(points: list[str]) -> list[int]:
+    """Crash points (1-based) covering every phase of one deletion (see PHASES)."""
+    chosen = set()
+    for pattern, which in PHASES:
+        hits = [i for i, p in enumerate(points, 1) if re.match(pattern, p)]
+        assert hits, f"no crash point matches {pattern}"
+        chosen |= set(hits) if which is None else {hits[k] for k in which}
+    return sorted(chosen)
+
+
+def crash_env(at: str, log: Path | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), CRASH_AT_ENV: at}
+    if log:
+        env[CRASH_LOG_ENV] = str(log)
+    return env
+
+
+def run_trials(setup: Setup, ns: list[int], tag: str) -> dict[int, Path]:
+    """Copy the base run and kill a CLI deletion at each N (PARALLEL at a time); return the trial run folders."""
+    trials = {n: setup.root / f"{tag}-{n:03d}" for n in ns}
+    queue, running = list(ns), []
+    while queue or running:
+        while queue and len(running) < PARALLEL:
+            n = queue.pop(0)
+            shutil.rmtree(trials[n], ignore_errors=True)
+            shutil.copytree(setup.base.root, trials[n])
+            log = trials[n].with_suffix(".log")
+            cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(trials[n]), *DELETE_IDS]
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=crash_env(str(n), log), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            running.append((n, proc, log))
+        n, proc, log = running.pop(0)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, f"point {n}: exit {proc.returncode}: {err.decode()[-500:]}"
+        hit = log.read_text().splitlines()[-1].split("\t")[1]
+        assert _kind(hit) == _kind(setup.points[n - 1]), (n, hit, setup.points[n - 1])
+    return trials
+
+
+def _kind(point: str) -> str:
+    """A point name without run-specific parts (trial folder, request id, pid)."""
+    kind, _, path = point.partition(":")
+    name = re.sub(r"del-\d{8}T\d{6}-[0-9a-f]{8}", "del-*", Path(path).name)
+    return f"{kind}:{name}"
+
+
+def recover_with_status(run: Path) -> None:
+    assert cli.main(["status", "--run", str(run)]) == 0
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_unchanged(run: Path, base: RunDir) -> None:
+    """A crash before the acknowledgement: the run is exactly the base run, nothing journaled."""
+    assert files_of(run) == files_of(base.root)
+    assert Journal(run / "journal").entries() == []
+
+
+def assert_like_reference(run: Path, ref: RunDir) -> None:
+    """A crash after the acknowledgement: after recovery the run equals the uninterrupted deletion."""
+    got = RunDir(run)
+    assert_runs_identical(got, ref)
+    m, mr = got.manifest(), ref.manifest()
+    tomb = "tombstones.parquet"  # holds the request id, which differs between the two deletions
+    assert {**m, "files": {**m["files"], tomb: ""}} == {**mr, "files": {**mr["files"], tomb: ""}}
+    t, tr = (read_parquet(r / tomb).drop(columns="request_id") for r in (run, ref.root))
+    pd.testing.assert_frame_equal(t, tr)
+    (entry,) = Journal(run / "journal").entries()
+    (ref_entry,) = Journal(ref.journal_dir).entries()
+    assert entry["status"] == "applied" and entry["id_hashes"] == ref_entry["id_hashes"]
+    assert entry["receipt"]["fingerprints_after"] == ref_entry["receipt"]["fingerprints_after"]
+    assert temp_leftovers(run) == []
+    on_disk = {p.relative_to(run / "checkpoints").as_posix() for p in (run / "checkpoints").glob("*/*")}
+    named = {f"shard-{e['shard']:03d}/{n}" for e in m["shards"] for n in e["checkpoints"]}
+    assert on_disk == named
+    idx = got.index()
+    assert not idx.active["record_id"].astype(str).isin(DELETE_IDS).any()
+
+
+def check_trials(setup: Setup, trials: dict[int, Path]) -> None:
+    for n, run in trials.items():
+        recover_with_status(run)
+        if n < setup.acknowledged_from:
+            assert_unchanged(run, setup.base)
+        else:
+            assert_like_reference(run, setup.reference)
+
+
+def test_the_deletion_has_enough_distinct_crash_points(setup):
+    assert len(setup.points) >= 40
+    kinds = {p.split(":")[0] for p in setup.points}
+    assert {"write", "torn", "replace", "replaced", "remove", "rmdir"} <= kinds
+    assert setup.points[0].startswith("write:journal/del-")  # the journal comes first
+    assert setup.acknowledged_from == 4
+
+
+def test_kill_at_spread_points_then_recover_equals_uninterrupted(setup, capsys):
+    ns = spread(setup.points)
+    assert len(ns) >= 20
+    check_trials(setup, run_trials(setup, ns, "spread"))
+    print(f"crash points exercised: {len(ns)} of {len(setup.points)}", file=sys.stderr)
+
+
+def test_a_crash_during_recovery_is_recovered_too(setup, capsys):
+    """Kill the deletion between checkpoint writes, then kill the recovering `sisa status` as well."""
+    first_ck = next(i for i, p in enumerate(setup.points, 1) if p.startswith("replaced:checkpoints/"))
+    (run,) = run_trials(setup, [first_ck + 1], "double").values()
+    cmd = [sys.executable, "-m", "sisa.cli", "status", "--run", str(run)]
+    proc = subprocess.run(cmd, cwd=REPO, env=crash_env("replaced:checkpoints/:1"), capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    recover_with_status(run)
+    assert_like_reference(run, setup.reference)
+
+
+@pytest.mark.slow
+def test_kill_at_every_point_then_recover_equals_uninterrupted(setup):
+    check_trials(setup, run_trials(setup, list(range(1, len(setup.points) + 1)), "all"))
