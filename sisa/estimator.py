@@ -46,6 +46,7 @@ class SisaClassifier:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._ensemble: Ensemble | None = None
+        self._excluded: set[int] = set()  # shards left out of the cached ensemble (pending deletions)
         self.last_report = None
 
     # ---- training ---------------------------------------------------------------------------------------------
@@ -81,13 +82,21 @@ class SisaClassifier:
         return list(self.config.data.features or [])
 
     def ensemble(self) -> Ensemble:
-        """The live generation, minus shards that an acknowledged deletion is still retraining (strict mode)."""
+        """The live generation, minus shards that an acknowledged deletion is still retraining (strict mode).
+
+        The journal is read before the manifest, and shards with pending deletions are never loaded: their old
+        checkpoints may be deleted at any moment by the writer applying the deletion."""
         run = self._run()
-        manifest = run.require_manifest()
         pending = Journal(run.journal_dir).pending_shards()
-        if self._ensemble is None or self._ensemble.generation != manifest["generation"]:
-            self._ensemble = Ensemble.from_manifest(run.root, self.config, manifest)
-        return self._ensemble.without(pending) if pending else self._ensemble
+        cached = self._ensemble
+        fresh = cached is not None and cached.generation == run.require_manifest()["generation"]
+        if fresh and self._excluded <= pending:
+            return cached.without(pending) if pending else cached
+        self._ensemble = run.read_generation(
+            lambda m: Ensemble.from_manifest(run.root, self.config, m, exclude=pending)
+        )
+        self._excluded = set(pending)
+        return self._ensemble
 
     def predict_proba(self, X) -> np.ndarray:
         return self.ensemble().predict_proba(features_for_prediction(X, self.feature_names_))

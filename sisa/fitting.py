@@ -21,7 +21,7 @@ from .aggregation import Ensemble
 from .checkpoints import checkpoint_name, fingerprint_chain, is_complete
 from .config import Config
 from .duplicates import row_hashes
-from .exceptions import IntegrityError
+from .exceptions import ConfigError, IntegrityError, RunStateError, SisaError
 from .executors import run_jobs
 from .index import RecordIndex
 from .rundir import RunDir, shard_data
@@ -43,8 +43,6 @@ class RefreshReport:
 
 def load_training_table(config: Config) -> Table:
     if not config.data.train:
-        from .exceptions import ConfigError
-
         raise ConfigError(["data.train: no training table given; set data.train in the config or pass data"])
     df = read_table(config.data.train)
     return validate_table(df, config.data, config.data.train, classes=config.data.classes)
@@ -215,16 +213,33 @@ def collect_garbage(run: RunDir, manifest: dict, shards: list[int]) -> None:
     clean_temp_files(run.root)
 
 
-def evaluate(run: RunDir, config: Config, manifest: dict) -> dict:
-    """Test accuracy of the ensemble (and per shard) when the config names a test table."""
-    if not config.data.test or not Path(config.data.test).is_file():
-        return {}
+def load_test_table(config: Config) -> Table | None:
+    """The held-out table named by ``data.test`` (validated against the frozen classes and features), or None."""
+    if not config.data.test:
+        return None
+    if not Path(config.data.test).is_file():
+        raise ConfigError(
+            [f"data.test: {config.data.test!r} does not exist; fix the path or set data.test=null"]
+        )
     df = read_table(config.data.test)
-    t = validate_table(
+    return validate_table(
         df, config.data, config.data.test, classes=config.data.classes, feature_names=config.data.features
     )
-    ens = Ensemble.from_manifest(run.root, config, manifest)
-    probs = ens.shard_probabilities(t.features)
+
+
+def evaluate(run: RunDir, config: Config, manifest: dict) -> dict:
+    """Test accuracy of the ensemble (and per shard) when the config names a test table.
+
+    A test table that went missing or bad after training must not block a deletion: the error is reported in the
+    metrics instead."""
+    try:
+        t = load_test_table(config)
+        if t is None:
+            return {}
+        ens = Ensemble.from_manifest(run.root, config, manifest)
+        probs = ens.shard_probabilities(t.features)
+    except (SisaError, OSError) as exc:
+        return {"error": f"test accuracy not computed: {exc}"}
     per_shard = {
         str(s): float((probs[i].argmax(-1).numpy() == t.labels).mean()) for i, s in enumerate(ens.shards)
     }
@@ -246,7 +261,11 @@ def train(
 ) -> tuple[RunDir, RefreshReport]:
     """Train a SISA ensemble into ``root`` (or finish an interrupted training with ``resume``)."""
     run = RunDir(root)
-    if resume and run.exists():
+    if resume and not run.exists():
+        raise RunStateError(
+            f"{root} holds no run to resume (no config.yaml); start one with `sisa train CONFIG`"
+        )
+    if resume:
         from .unlearning import recover  # unlearning builds on this module
 
         with writer_lock(run.root, wait_s, "train --resume"):
@@ -256,6 +275,8 @@ def train(
         table = validate_table(data, config.data, "training data", classes=config.data.classes)
     else:
         table = data if data is not None else load_training_table(config)
+    if config.data.test:  # a bad test table fails now, before anything is written
+        load_test_table(resolve_config(config, table))
     Path(root).mkdir(parents=True, exist_ok=True)
     with writer_lock(Path(root), wait_s, "train"):
         run = create_run(root, config, table, placement)

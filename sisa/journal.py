@@ -84,7 +84,7 @@ class Journal:
     def entries(self) -> list[dict]:
         if not self.folder.is_dir():
             return []
-        out = [read_json(p) for p in self.folder.glob("del-*.json")]
+        out = [_read_entry(p) for p in self.folder.glob("del-*.json")]
         return sorted(out, key=lambda e: (e["created"], e["request_id"]))
 
     def pending(self) -> list[dict]:
@@ -93,3 +93,19 @@ class Journal:
     def pending_shards(self) -> set[int]:
         """Shards that must not serve: some acknowledged deletion touching them is not yet applied."""
         return {int(s) for e in self.pending() for s in e["shards"]}
+
+
+# Parsed entries keyed by path and (inode, mtime, size): every write replaces the file (new inode), so a hit is
+# the same bytes. Serving checks pending deletions on every request; this keeps that O(files) stat calls.
+_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
+
+
+def _read_entry(path: Path) -> dict:
+    st = path.stat()
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    entry = read_json(path)
+    _CACHE[str(path)] = (key, entry)
+    return entry

@@ -122,11 +122,6 @@ def test_overrides_apply_to_every_kind_of_config(tmp_path):
     assert SisaClassifier(path, overrides=["sharding.shards=5"]).config.sharding.shards == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fitting.train(root, None, resume=True) on a folder that holds no run falls through to "
-    "load_training_table(None) and raises AttributeError instead of RunStateError (the CLI now checks first)",
-)
 def test_library_resume_of_missing_run_is_a_clear_error(tmp_path):
     from sisa.fitting import train
 

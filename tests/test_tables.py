@@ -209,21 +209,11 @@ def test_test_table_labels_outside_training_classes(tmp_path):
     train_with_bad_test_table(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fitting.refresh/evaluate: data.test is validated only after every shard has trained, so a bad "
-    "test table leaves checkpoints and no manifest behind (issue 2 §1: 'nothing written')",
-)
 def test_bad_test_table_writes_nothing(tmp_path):
     train_with_bad_test_table(tmp_path)
     assert not list((tmp_path / "run").rglob("*.safetensors"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fitting.refresh: evaluate() runs before the manifest swap, so a test table that became "
-    "unreadable (or gained a class) after training blocks every acknowledged deletion, also on replay",
-)
 def test_deletion_completes_when_test_table_went_bad(tmp_path):
     df = make_tabular(60, seed=1, n_features=3, n_classes=2, string_labels=True)
     df.to_parquet(tmp_path / "test.parquet")
