@@ -5,26 +5,31 @@ vote with ties going to the lowest class index, and reports vote shares as proba
 learns from training data, so it never has to be unlearned.
 
 The S sub-models share one architecture, so they can be evaluated as one batched call
-(``torch.func.stack_module_state`` + ``vmap``) instead of S sequential forwards; ``auto`` picks per batch size.
+(``sisa.stacked_models.batched_forward``: ``baddbmm`` for the MLP, a grouped convolution for the CNN, ``vmap`` over
+``functional_call`` for any other module) instead of S sequential forwards; ``auto`` picks by work per model.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state
 
 from .checkpoints import load_checkpoint
 from .config import Config
-from .exceptions import RunStateError
+from .exceptions import DataError, RunStateError
 from .models import build_model
+from .stacked_models import ShardStack, batched_forward, module_tensors
 
-# On CPU the stacked call wins for small batches and loses for large ones (DESIGN §7); measured by the benchmark.
-STACKED_MAX_BATCH = {"cpu": 1024, "cuda": 1 << 30}
+# ``auto`` inference. The stacked call saves the per-model dispatch overhead of the loop; on CPU, once each model's
+# matmuls are big enough to be compute-bound, that saving vanishes and vmap's batched kernels run slower. So the
+# choice depends on the work per model: rows x parameters. Measured with scripts/bench_unlearning.py (S=20 MLPs,
+# 1-2 threads): stacked wins below ~2^19 (6-16-3 MLP: up to ~3000 rows; 14-128-2: ~250 rows; 600-128-100: a few
+# rows; above that the two are within noise for big models and the loop is up to 8x faster for small ones at
+# 4096 rows). On CUDA stacked always wins (DESIGN §7: 21x at batch 64, 3.4x at 4096 on an H100).
+STACKED_MAX_WORK = {"cpu": 1 << 19, "cuda": 1 << 62}
 
 
 class Ensemble:
@@ -83,22 +88,28 @@ class Ensemble:
         if not self.models:
             raise RunStateError("no shard model is serving (every shard is retraining or empty)")
         x = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device)
-        mode = mode or self.config.aggregation.inference
-        if mode == "auto":
-            mode = "stacked" if len(x) <= STACKED_MAX_BATCH.get(self.device.split(":")[0], 1024) else "loop"
-        if mode == "stacked" and len(self.models) > 1:
-            params, buffers, base = self._stack()
-            logits = torch.vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+        if self.inference_mode(len(x), mode) == "stacked":
+            stack = self._stack()  # every model sees the same rows: a stride-0 view, no copy
+            logits = batched_forward(stack, x.expand(stack.width, *x.shape), _no_dropout, stack.buffers)
         else:
             logits = torch.stack([m(x) for m in self.models.values()])
         return torch.softmax(logits.float(), dim=-1)
 
-    def _stack(self):
+    def inference_mode(self, n_rows: int, mode: str | None = None) -> str:
+        """``loop`` or ``stacked`` for a batch of ``n_rows`` (resolving ``auto`` by work per model)."""
+        mode = mode or self.config.aggregation.inference
+        if len(self.models) < 2:
+            return "loop"
+        if mode == "auto":
+            params = sum(p.numel() for p in next(iter(self.models.values())).parameters())
+            limit = STACKED_MAX_WORK.get(self.device.split(":")[0], STACKED_MAX_WORK["cpu"])
+            return "stacked" if n_rows * params <= limit else "loop"
+        return mode
+
+    def _stack(self) -> ShardStack:
         if self._stacked is None:
             models = list(self.models.values())
-            params, buffers = stack_module_state(models)
-            base = copy.deepcopy(models[0]).to("meta")
-            self._stacked = (params, buffers, base)
+            self._stacked = ShardStack(models[0], [module_tensors(m) for m in models], self.device)
         return self._stacked
 
     def weights(self) -> torch.Tensor:
@@ -115,6 +126,15 @@ class Ensemble:
                 f"weights {w.tolist()}); wait for the retraining shards or change aggregation.weights"
             )
         probs = self.shard_probabilities(X, mode).cpu()
+        if not bool(torch.isfinite(probs).all()):
+            bad = np.flatnonzero(~torch.isfinite(probs).all(dim=(0, 2)).numpy())[:10].tolist()
+            raise DataError(
+                "prediction input",
+                [
+                    f"the model's output is not finite for instances {bad}: "
+                    "feature values far outside the training range overflow it"
+                ],
+            )
         if self.config.aggregation.method == "hard":
             votes = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
             agg = (votes * w[:, None, None]).sum(0)
@@ -132,3 +152,7 @@ class Ensemble:
 
     def accuracy(self, X: np.ndarray, label_idx: np.ndarray) -> float:
         return float((self.predict_indices(X) == label_idx).mean())
+
+
+def _no_dropout(x: torch.Tensor) -> torch.Tensor:
+    return x

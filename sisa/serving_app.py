@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .exceptions import ConfigError, RunLockedError, UnknownRecordError
+from .exceptions import ConfigError, DataError, RunLockedError, UnknownRecordError
 from .serving import DeletionJob, ServingState
 from .serving_schema import (
     ApiError,
@@ -64,15 +63,10 @@ def create_app(state: ServingState | str | Path, settings: ServerSettings | None
     def predict(body: PredictRequest) -> JSONResponse:
         X = instances_matrix(body.instances, state.feature_names, state.settings.max_batch)
         snap = state.snapshot()  # one snapshot reference for the whole computation
-        proba = snap.predict_proba(X)
-        if not np.isfinite(proba).all():  # e.g. |x| near float32 max overflows the logits
-            bad = np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist()
-            raise ApiError(
-                422,
-                f"the model's output is not finite for instances {bad[:20]}: feature values far outside "
-                "the training range overflow it",
-                instances=bad[:20],
-            )
+        try:
+            proba = snap.predict_proba(X)
+        except DataError as exc:  # e.g. |x| near float32 max overflows the logits
+            raise ApiError(422, exc.problems[0]) from None
         rows = proba.tolist()
         return JSONResponse(
             {
