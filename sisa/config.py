@@ -68,7 +68,7 @@ class TrainingConfig:
     deterministic: bool = True  # torch deterministic algorithms (needed for bit-exactness on GPU)
     threads: int = 1  # torch CPU threads per shard worker; part of the result (see DESIGN §2.7)
     executor: str = "auto"  # auto | loop | stacked (resolved and saved)
-    stack_size: int | None = None  # shards per stacked group; null = chosen from memory_budget_mb
+    stack_size: int | None = None  # shards per stacked group; null = from memory_budget_mb (resolved, saved)
     memory_budget_mb: int = 1024  # budget for one stacked group's batch tensors and activations
     n_jobs: int = 1  # parallel worker processes for the loop executor
     backend: str = "local"  # local | dask

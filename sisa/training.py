@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,34 +168,74 @@ def train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str =
     """Train one shard from ``job.from_slice`` to the end, writing a checkpoint after every slice."""
     configure_torch(spec)
     t0 = time.perf_counter()
-    cfg = spec.config
     model, opt = initial_state(spec, job)
     X = torch.as_tensor(np.array(data.features, dtype=np.float32, copy=True), device=spec.device)
     y = torch.as_tensor(np.array(data.labels, dtype=np.int64, copy=True), device=spec.device)
     result = ShardResult(job.shard, job.from_slice)
-    bs = cfg.training.batch_size
-    for k in range(job.from_slice, cfg.sharding.slices):
-        n_k = int(data.slice_ends[k])
-        samples = 0
-        model.train()
-        for j, rows in enumerate(epoch_rows(cfg.training.epochs, cfg.sharding.slices, n_k)):
-            perm = epoch_permutation(cfg.training.seed, job.shard, k, j, n_k)[:rows].to(spec.device)
-            torch.manual_seed(derive_seed(cfg.training.seed, "dropout", job.shard, k, j))
-            for start in range(0, rows, bs):
-                idx = perm[start : start + bs]
-                for p in model.parameters():
-                    p.grad = None
-                batch_loss(model(X[idx]), y[idx]).backward()
-                opt.step()
-                result.optimizer_steps += 1
-            samples += rows
-        result.samples += samples
-        meta = checkpoint_meta(spec, job, k, n_k, samples, int(opt.steps), executor, 1)
-        folder = checkpoint_dir(spec, job.shard, k, job.fingerprints[k])
-        save_checkpoint(folder, model.state_dict(), opt.state_dict(), meta)
-        result.checkpoints.append(folder.name)
+    model.train()
+    for event in shard_schedule(spec.config, job, data):
+        if isinstance(event, EpochStart):
+            torch.manual_seed(event.dropout_seed)
+        elif isinstance(event, Batch):
+            idx = event.rows.to(spec.device)
+            for p in model.parameters():
+                p.grad = None
+            batch_loss(model(X[idx]), y[idx]).backward()
+            opt.step()
+            result.optimizer_steps += 1
+        else:
+            result.samples += event.samples
+            meta = checkpoint_meta(
+                spec, job, event.slice, event.records, event.samples, int(opt.steps), executor, 1
+            )
+            folder = checkpoint_dir(spec, job.shard, event.slice, job.fingerprints[event.slice])
+            save_checkpoint(folder, model.state_dict(), opt.state_dict(), meta)
+            result.checkpoints.append(folder.name)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """A (slice, epoch) begins: dropout draws restart from a generator seeded by (seed, shard, slice, epoch)."""
+
+    slice: int
+    epoch: int
+    dropout_seed: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One optimizer step on these rows of the shard (indices into its arrays, in batch order)."""
+
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SliceEnd:
+    """Slice ``slice`` is done: checkpoint it. ``records`` rows (slices 0..k), ``samples`` visited this step."""
+
+    slice: int
+    records: int
+    samples: int
+
+
+def shard_schedule(config: Config, job: ShardJob, data: ShardData) -> Iterator[EpochStart | Batch | SliceEnd]:
+    """The shard's whole training schedule as events, from ``job.from_slice`` to its last slice.
+
+    Every executor runs exactly this sequence (the stacked one runs several in lockstep), so epochs, permutations
+    and batch boundaries depend only on (seed, shard, slice, epoch) and the shard's own rows."""
+    t, R = config.training, config.sharding.slices
+    for k in range(job.from_slice, R):
+        n_k = int(data.slice_ends[k])
+        samples = 0
+        for j, rows in enumerate(epoch_rows(t.epochs, R, n_k)):
+            perm = epoch_permutation(t.seed, job.shard, k, j, n_k)[:rows]
+            yield EpochStart(k, j, derive_seed(t.seed, "dropout", job.shard, k, j))
+            for start in range(0, rows, t.batch_size):
+                yield Batch(perm[start : start + t.batch_size])
+            samples += rows
+        yield SliceEnd(k, n_k, samples)
 
 
 def epoch_permutation(seed: int, shard: int, slice_idx: int, epoch: int, n_rows: int) -> torch.Tensor:
