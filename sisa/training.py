@@ -99,10 +99,17 @@ def resolve_device(device: str) -> str:
 
 
 def configure_torch(spec: TrainSpec) -> None:
-    """Per-process torch settings that are part of the result: thread count and determinism (DESIGN §2.7)."""
+    """Per-process torch settings that are part of the result: thread count and determinism (DESIGN §2.7).
+
+    Deterministic mode is switched on for CUDA, where it selects deterministic kernels. On CPU the kernels sisa
+    uses are deterministic at a fixed thread count already (the exactness tests prove it), and switching the mode
+    imports torch._dynamo: about 2 s added to every CLI process and every fresh worker, for nothing."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.set_num_threads(spec.config.training.threads)
-    torch.use_deterministic_algorithms(spec.config.training.deterministic)
+    if torch.get_num_threads() != spec.config.training.threads:
+        torch.set_num_threads(spec.config.training.threads)
+    want = bool(spec.config.training.deterministic) and spec.device.startswith("cuda")
+    if torch.are_deterministic_algorithms_enabled() != want:
+        torch.use_deterministic_algorithms(want)
     torch.backends.cudnn.benchmark = False
 
 
