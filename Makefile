@@ -37,7 +37,7 @@ format: install
 	$(VENV)/bin/ruff format sisa scripts tests
 	$(VENV)/bin/ruff check --fix sisa scripts tests
 
-bench: data
+bench: install
 	$(PY) scripts/bench_unlearning.py --json bench-results/bench.json
 
 clean:

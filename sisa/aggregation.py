@@ -6,7 +6,7 @@ learns from training data, so it never has to be unlearned.
 
 The S sub-models share one architecture, so they can be evaluated as one batched call
 (``sisa.stacked_models.batched_forward``: ``baddbmm`` for the MLP, a grouped convolution for the CNN, ``vmap`` over
-``functional_call`` for any other module) instead of S sequential forwards; ``auto`` picks by work per model.
+``functional_call`` for any other module) instead of S sequential forwards; ``auto`` picks by batch size.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from .exceptions import DataError, RunStateError
 from .models import build_model
 from .stacked_models import ShardStack, batched_forward, module_tensors
 
-# ``auto`` inference. The stacked call saves the per-model dispatch overhead of the loop; on CPU, once each model's
-# matmuls are big enough to be compute-bound, that saving vanishes and vmap's batched kernels run slower. So the
-# choice depends on the work per model: rows x parameters. Measured with scripts/bench_unlearning.py (S=20 MLPs,
-# 1-2 threads): stacked wins below ~2^19 (6-16-3 MLP: up to ~3000 rows; 14-128-2: ~250 rows; 600-128-100: a few
-# rows; above that the two are within noise for big models and the loop is up to 8x faster for small ones at
-# 4096 rows). On CUDA stacked always wins (DESIGN §7: 21x at batch 64, 3.4x at 4096 on an H100).
-STACKED_MAX_WORK = {"cpu": 1 << 19, "cuda": 1 << 62}
+# ``auto`` inference: stacked for batches of at most this many rows. The stacked call saves the loop's per-model
+# dispatch overhead; on CPU, once a batch is big enough for each model's matmuls to be compute-bound, that saving is
+# gone and one big batched kernel runs slower than S separate ones. Measured on the 2-core dev machine (S=20 MLPs,
+# 1 and 2 threads, stacked/loop; scripts/bench_unlearning.py and docs/performance.md): at 64 rows 1.3x (600-128-100)
+# to 7.8x (6-16-3); at 256 rows 0.84x-3x; at 1024 rows 0.3x-1.15x. On CUDA stacked always wins (DESIGN §7: 21x at
+# batch 64, 3.4x at 4096 on an H100).
+STACKED_MAX_BATCH = {"cpu": 256, "cuda": 1 << 62}
 
 
 class Ensemble:
@@ -87,7 +87,9 @@ class Ensemble:
         """[n_models, n, C] class probabilities of each serving sub-model."""
         if not self.models:
             raise RunStateError("no shard model is serving (every shard is retraining or empty)")
-        x = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device)
+        x = torch.as_tensor(
+            np.require(X, np.float32, ["C", "W"]), device=self.device
+        )  # copies read-only input
         if self.inference_mode(len(x), mode) == "stacked":
             stack = self._stack()  # every model sees the same rows: a stride-0 view, no copy
             logits = batched_forward(stack, x.expand(stack.width, *x.shape), _no_dropout, stack.buffers)
@@ -96,14 +98,13 @@ class Ensemble:
         return torch.softmax(logits.float(), dim=-1)
 
     def inference_mode(self, n_rows: int, mode: str | None = None) -> str:
-        """``loop`` or ``stacked`` for a batch of ``n_rows`` (resolving ``auto`` by work per model)."""
+        """``loop`` or ``stacked`` for a batch of ``n_rows`` (resolving ``auto`` by batch size and device)."""
         mode = mode or self.config.aggregation.inference
         if len(self.models) < 2:
             return "loop"
         if mode == "auto":
-            params = sum(p.numel() for p in next(iter(self.models.values())).parameters())
-            limit = STACKED_MAX_WORK.get(self.device.split(":")[0], STACKED_MAX_WORK["cpu"])
-            return "stacked" if n_rows * params <= limit else "loop"
+            limit = STACKED_MAX_BATCH.get(self.device.split(":")[0], STACKED_MAX_BATCH["cpu"])
+            return "stacked" if n_rows <= limit else "loop"
         return mode
 
     def _stack(self) -> ShardStack:

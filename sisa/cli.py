@@ -70,9 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for another writer to finish instead of failing",
     )
     dup = d.add_mutually_exclusive_group()
-    dup.add_argument("--check-duplicates", action="store_true",
-                     help="report other active records with identical features and label (IDs printed only)")
-    dup.add_argument("--delete-duplicates", action="store_true", help="delete such duplicates in the same request")
+    dup.add_argument(
+        "--check-duplicates",
+        action="store_true",
+        help="report other active records with identical features and label (IDs printed only)",
+    )
+    dup.add_argument(
+        "--delete-duplicates", action="store_true", help="delete such duplicates in the same request"
+    )
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
@@ -80,15 +85,73 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     # -- durability parsers: verify, history, repair --
+    v = sub.add_parser("verify", help="certify the live models: retrain from scratch and compare bit for bit")
+    v.add_argument("--run", required=True)
+    v.add_argument(
+        "--shard",
+        dest="shards",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="verify only this shard (repeatable); default all",
+    )
+    v.add_argument(
+        "--erasure",
+        action="store_true",
+        help="check instead that nothing of deleted records survives in the run directory",
+    )
+    v.add_argument(
+        "--ids-file", help="with --erasure: deleted record IDs (one per line) to search every file for"
+    )
+    v.add_argument(
+        "--data", help="with --erasure: the original rows (table); their feature rows are searched too"
+    )
+    v.add_argument("--workdir", help="folder for the scratch retrain (default: the system temp folder)")
+    v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
+    v.add_argument("--json", action="store_true")
+
+    hi = sub.add_parser("history", help="the deletion log (request, time, records, retrained shards, status)")
+    hi.add_argument("--run", required=True)
+    hi.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    hi.add_argument("--out", help="write to this file instead of stdout")
+
+    rp = sub.add_parser("repair", help="rebuild corrupted or missing checkpoints from the run's own data")
+    rp.add_argument("--run", required=True)
+    rp.add_argument(
+        "--shard",
+        dest="shards",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="repair only this shard (repeatable); default all",
+    )
+    rp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
+    rp.add_argument("--json", action="store_true")
     # -- serving parsers: serve --
+    sv = sub.add_parser("serve", help="serve predictions over HTTP; deletions applied live (strict mode)")
+    sv.add_argument("--run", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
+    sv.add_argument("--token-file", help="file holding the bearer token for deletions (default: $SISA_TOKEN)")
+    sv.add_argument("--max-batch", type=int, default=1024, help="most instances per /predict request")
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (else 413)"
+    )
     # -- audit parsers: audit, compare, report --
+    _audit_parsers(sub)
     return p
 
 
 def _read_ids(path: str | None) -> list[str]:
     if not path:
         return []
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SisaError(f"cannot read ID file {path!r}: {exc.strerror or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @command("train")
@@ -97,6 +160,13 @@ def _train(a: argparse.Namespace) -> int:
     from .fitting import train
 
     if a.resume:
+        from .rundir import RunDir
+
+        if a.config or a.overrides:
+            raise SisaError(
+                "train --resume continues the run's frozen config; drop the config file and --set"
+            )
+        RunDir(a.run).require()
         run, report = train(a.run, None, resume=True)  # type: ignore[arg-type]
     else:
         if not a.config:
@@ -131,6 +201,11 @@ def _predict(a: argparse.Namespace) -> int:
     from .storage import write_parquet
     from .tables import read_table
 
+    path = Path(a.out)
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise SisaError(f"predict --out: expected a .parquet or .csv file name, got {a.out!r}")
+    if not path.parent.is_dir():
+        raise SisaError(f"predict --out: folder {str(path.parent)!r} does not exist")
     clf = SisaClassifier.load(a.run)
     df = read_table(a.data)
     proba = clf.predict_proba(df)
@@ -142,13 +217,10 @@ def _predict(a: argparse.Namespace) -> int:
     out["prediction"] = [clf.classes_[i] for i in idx]
     for j, c in enumerate(clf.classes_):
         out[f"proba_{c}"] = proba[:, j]
-    path = Path(a.out)
     if path.suffix.lower() == ".csv":
         out.to_csv(path, index=False)
-    elif path.suffix.lower() in (".parquet", ".pq"):
-        write_parquet(path, out)
     else:
-        raise SisaError(f"predict --out: expected a .parquet or .csv file name, got {a.out!r}")
+        write_parquet(path, out)
     print(f"wrote {len(out)} predictions to {path}")
     return 0
 
@@ -171,15 +243,20 @@ def _delete(a: argparse.Namespace) -> int:
             print(f"already deleted before: {', '.join(map(str, receipt['already_deleted']))}")
         if receipt.get("subject_rows"):
             print("rows per subject: " + ", ".join(f"{s}: {n}" for s, n in receipt["subject_rows"].items()))
-        for key, what in (("duplicates_found", "duplicates still active"), ("duplicates_deleted", "duplicates deleted")):
+        for key, what in (
+            ("duplicates_found", "duplicates still active"),
+            ("duplicates_deleted", "duplicates deleted"),
+        ):
             if key in receipt:
                 print(f"{what}: {', '.join(map(str, receipt[key])) or 'none'}")
     return 0
 
 
 def _print_receipt(r: dict) -> None:
-    print(f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
-          f"generation {r['generation']}, {r['seconds']} s")
+    print(
+        f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
+        f"generation {r['generation']}, {r['seconds']} s"
+    )
     for s, k in r["shards_retrained"].items():
         before, after = r["fingerprints_before"].get(s, "")[:12], r["fingerprints_after"].get(s, "")[:12]
         print(f"  shard {s}: retrained from slice {k}; fingerprint {before} -> {after}")
@@ -217,10 +294,172 @@ def _status(a: argparse.Namespace) -> int:
 
 
 # -- durability handlers --
+@command("verify")
+def _verify(a: argparse.Namespace) -> int:
+    from . import verification
+
+    if a.erasure:
+        return _verify_erasure(a)
+    if a.ids_file or a.data:
+        raise SisaError("verify: --ids-file and --data belong to --erasure")
+    certs = verification.verify(a.run, a.shards or None, wait_s=a.wait, workdir=a.workdir)
+    if a.json:
+        print(json.dumps([c.to_dict() for c in certs], indent=1))
+    for c in certs if not a.json else []:
+        verdict = (
+            "yes"
+            if c.bit_identical
+            else f"NO (max abs diff {c.max_abs_diff:.3g}, {len(c.differing)} tensors)"
+        )
+        chain = (
+            ""
+            if c.fingerprint == c.recomputed_fingerprint
+            else f" != recomputed {c.recomputed_fingerprint[:12]}"
+        )
+        print(
+            f"shard {c.shard}: {c.records} records, fingerprint {c.fingerprint[:12]}{chain}, "
+            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict} ({c.seconds:.2f} s)"
+        )
+    bad = [c.shard for c in certs if not c.ok]
+    if bad:
+        print(
+            f"sisa: error: verify: shard(s) {', '.join(map(str, bad))} differ from a retrain from scratch",
+            file=sys.stderr,
+        )
+        return 1
+    if not a.json:
+        print(
+            f"verified {len(certs)} shard(s): every live checkpoint is bit-identical to a retrain from scratch"
+        )
+    return 0
+
+
+def _verify_erasure(a: argparse.Namespace) -> int:
+    from .verification import check_erasure
+
+    ids = _read_ids(a.ids_file) if a.ids_file else None
+    report = check_erasure(a.run, ids, a.data, wait_s=a.wait)
+    if a.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for c in report.checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    if not report.ok:
+        failed = ", ".join(c.name for c in report.checks if not c.ok)
+        print(f"sisa: error: verify --erasure: failed checks: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("history")
+def _history(a: argparse.Namespace) -> int:
+    from .history import deletion_log, format_log
+
+    text = format_log(deletion_log(a.run), a.format)
+    if a.out:
+        Path(a.out).write_text(text)
+        print(f"wrote the deletion log to {a.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+@command("repair")
+def _repair(a: argparse.Namespace) -> int:
+    from .unlearning import repair
+
+    report = repair(a.run, a.shards or None, wait_s=a.wait)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    elif report["checkpoints_rebuilt"] or report["deletions_replayed"]:
+        print(
+            f"rebuilt {len(report['checkpoints_rebuilt'])} checkpoint(s): "
+            f"{', '.join(report['checkpoints_rebuilt']) or 'none'}; retrained shard(s) "
+            f"{report['shards_retrained']}; generation {report['generation']} ({report['seconds']} s)"
+        )
+    else:
+        print(f"nothing to repair: every file of shard(s) {report['shards_checked']} verified")
+    return 0
+
 
 # -- serving handlers --
 
+
+@command("serve")
+def _serve(a: argparse.Namespace) -> int:
+    from .serving_app import resolve_token, serve
+    from .serving_schema import ServerSettings
+
+    token = resolve_token(a.token_file)
+    settings = ServerSettings(token=token, max_batch=a.max_batch, max_body_bytes=a.max_body_bytes)
+    return serve(a.run, host=a.host, port=a.port, settings=settings.validate())
+
+
 # -- audit handlers --
+
+
+def _audit_parsers(sub) -> None:
+    au = sub.add_parser("audit", help="membership-inference audit: deleted records vs never-seen ones")
+    au.add_argument("--run", required=True)
+    au.add_argument("--holdout", help="table of never-seen records (default: the config's data.test)")
+    au.add_argument("--deleted", help="the deleted records' rows (kept by the requester; never stored)")
+    au.add_argument("--no-reference", action="store_true", help="skip the retrained-from-scratch reference")
+    au.add_argument("--max-records", type=int, default=5000, help="sample each group down to this many rows")
+    au.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for TPR intervals")
+    au.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap")
+    au.add_argument("--out", help="also write the JSON result to this file (outside the run directory)")
+    au.add_argument("--json", action="store_true", help="print the full result as JSON")
+    co = sub.add_parser("compare", help="exact (retrain, SISA) vs APPROXIMATE unlearning on forget requests")
+    co.add_argument("--config", required=True, help="YAML config with data.train and data.test")
+    co.add_argument("--forget", action="append", default=[], metavar="random:N|class:L", help="repeatable")
+    co.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    co.add_argument("--methods", nargs="+", help="approximate baselines to run (default: all)")
+    co.add_argument("--seed", type=int, default=0, help="seed of the random forget sets and the baselines")
+    co.add_argument("--out", help="folder for compare.json and compare.md")
+    co.add_argument("--json", action="store_true")
+    rp = sub.add_parser("report", help="HTML report: shard accuracy, deletion cost, MIA ROC curves")
+    rp.add_argument("--run", required=True)
+    rp.add_argument("--out", required=True, help="a .html file, or a folder (gets report.html and the PNGs)")
+    rp.add_argument("--deleted", help="table of the deleted records' rows, for the deleted-vs-unseen audit")
+    rp.add_argument("--holdout", help="table of never-seen records (default: the config's data.test)")
+    rp.add_argument("--no-reference", action="store_true", help="skip the retrained-from-scratch reference")
+
+
+@command("audit")
+def _audit(a: argparse.Namespace) -> int:
+    from .audit import check_outside_run, describe, run_audit
+
+    if a.out and a.deleted:
+        check_outside_run(a.run, a.out)
+    result = run_audit(
+        a.run, a.holdout, a.deleted, reference=not a.no_reference, max_records=a.max_records,
+        bootstrap=a.bootstrap, seed=a.seed,
+    )  # fmt: skip
+    if a.out:
+        Path(a.out).write_text(json.dumps(result.summary, indent=1) + "\n")
+    print(json.dumps(result.summary, indent=1) if a.json else describe(result.summary))
+    return 0
+
+
+@command("compare")
+def _compare(a: argparse.Namespace) -> int:
+    from .comparison import compare, markdown, write_outputs
+    from .config import Config
+
+    result = compare(Config.load(a.config, a.overrides), a.forget, methods=a.methods, seed=a.seed)
+    if a.out:
+        write_outputs(result, a.out)
+    print(json.dumps(result, indent=1) if a.json else markdown(result))
+    return 0
+
+
+@command("report")
+def _report(a: argparse.Namespace) -> int:
+    from .report import build_report
+
+    path = build_report(a.run, a.out, deleted=a.deleted, holdout=a.holdout, reference=not a.no_reference)
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

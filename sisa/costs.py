@@ -69,6 +69,18 @@ def expected_speedup(shards: int, slices: int, requests: int = 1) -> float:
     return full_retrain_cost(1.0, 1.0) / batched_requests_cost(1.0, shards, slices, 1.0, requests)
 
 
+def placement_training_cost(
+    shard: np.ndarray, slice_: np.ndarray, *, shards: int, slices: int, epochs: float
+) -> float:
+    """Samples to train a concrete placement from scratch: Σ over shards and steps k of 2e/(R+1)·rows(0..k).
+
+    e·N when every slice holds 1/R of its shard; less when records crowd into late slices (as volatile records
+    do under distribution-aware placement), which also means those records are trained for fewer epochs.
+    """
+    rows, _ = _grids(shard, slice_, None, shards, slices, epochs, 1)
+    return float(2.0 * float(epochs) / (slices + 1) * rows.cumsum(axis=1).sum())
+
+
 def placement_cost(
     shard: np.ndarray,
     slice_: np.ndarray,
@@ -85,6 +97,13 @@ def placement_cost(
     (e.g. per-record deletion probabilities; ``None`` = uniform). Step k of shard s trains on the records in
     slices 0..k of s for 2e/(R+1) epochs and is retrained when at least one request hits one of them.
     """
+    rows, mass = _grids(shard, slice_, weights, shards, slices, epochs, requests)
+    hit = 1.0 - (1.0 - np.minimum(mass.cumsum(axis=1), 1.0)) ** requests
+    return float(2.0 * float(epochs) / (slices + 1) * (rows.cumsum(axis=1) * hit).sum())
+
+
+def _grids(shard, slice_, weights, shards: int, slices: int, epochs: float, requests: int):
+    """Validated [S, R] grids: records per (shard, slice) and the share of deletion weight there."""
     shard = np.asarray(shard, dtype=np.int64)
     slice_ = np.asarray(slice_, dtype=np.int64)
     _check(max(len(shard), 1), shards, slices, epochs, requests)
@@ -94,18 +113,17 @@ def placement_cost(
         problems.append(
             f"shard, slice_ and weights must have the same length, got {len(shard)}, {len(slice_)}, {len(w)}"
         )
-    elif len(shard) and (shard.min() < 0 or shard.max() >= shards or slice_.min() < 0 or slice_.max() >= slices):
+    elif len(shard) and (
+        shard.min() < 0 or shard.max() >= shards or slice_.min() < 0 or slice_.max() >= slices
+    ):
         problems.append(f"placement out of range: shards must be in [0, {shards}), slices in [0, {slices})")
     elif len(shard) and (not np.isfinite(w).all() or w.min() < 0 or w.sum() <= 0):
         problems.append("weights: expected finite non-negative numbers with a positive sum")
     if problems:
         raise ValueError("; ".join(problems))
-    if not len(shard):
-        return 0.0
     rows = np.zeros((shards, slices))
     mass = np.zeros((shards, slices))
-    np.add.at(rows, (shard, slice_), 1.0)
-    np.add.at(mass, (shard, slice_), w / w.sum())
-    rows_upto, mass_upto = rows.cumsum(axis=1), mass.cumsum(axis=1)
-    hit = 1.0 - (1.0 - np.minimum(mass_upto, 1.0)) ** requests
-    return float(2.0 * float(epochs) / (slices + 1) * (rows_upto * hit).sum())
+    if len(shard):
+        np.add.at(rows, (shard, slice_), 1.0)
+        np.add.at(mass, (shard, slice_), w / w.sum())
+    return rows, mass

@@ -16,6 +16,7 @@ runs/<name>/
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 from pathlib import Path
@@ -85,7 +86,7 @@ class RunDir:
 
     def config(self) -> Config:
         self.require()
-        return Config.from_dict(yaml.safe_load(self.config_path.read_text()))
+        return Config.from_dict(_read_yaml(self.config_path))
 
     def secret(self) -> bytes:
         data = self.secret_path.read_bytes()
@@ -187,3 +188,18 @@ def shard_data(frame: pd.DataFrame, feature_names: list[str], slices: int) -> Sh
         labels=frame["_label"].to_numpy(np.int64),
         slice_ends=np.searchsorted(slice_col, np.arange(slices), side="right").astype(np.int64),
     )
+
+
+_YAML_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
+
+
+def _read_yaml(path: Path) -> dict:
+    """Parse a run's frozen config.yaml once per process (C loader; re-read when the file is replaced)."""
+    st = path.stat()
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _YAML_CACHE.get(str(path))
+    if hit is None or hit[0] != key:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        hit = (key, yaml.load(path.read_text(), Loader=loader))  # noqa: S506 - a safe loader
+        _YAML_CACHE[str(path)] = hit
+    return copy.deepcopy(hit[1])

@@ -11,8 +11,13 @@ round-robin. That depends on the other records, so its exactness is relative to 
 then delete X" equals "train from scratch with the same index minus X" (the run keeps the index for that reason).
 
 ``distribution_aware`` (paper §VIII) takes a per-record deletion probability and places volatile records so a
-deletion costs less: records with probability above the threshold go to the last slice of a shard, where a
-retrain resumes from the latest checkpoint. It stays a pure function of (key, probability, seed).
+deletion costs less: a key whose probability exceeds :data:`VOLATILE_THRESHOLD` moves to the last slice of its
+shard, where a retrain is one slice step; every other key keeps its uniform shard and slice. So with no volatile
+records the placement *is* the uniform one, and the shards stay as balanced as uniform. It stays a pure function
+of (key, probability, seed). Alternatives measured with :mod:`sisa.costs` and rejected (docs/performance.md):
+reserving the last slice for volatile keys only (stable keys crowd the other R-1 slices: 14 % dearer than uniform
+when nothing is volatile) and concentrating volatile keys in a few shards (the shards grow, so it wins only for
+batched requests and a narrow range of volatile shares, and unbalances the ensemble).
 """
 
 from __future__ import annotations
@@ -97,14 +102,12 @@ def _stratified(h_shard, h_slice, inverse, labels, shards: int, slices: int):
 
 
 def _volatile_last(h_slice, inverse, deletion_prob, slices: int):
-    """Stable keys spread over all slices but the last; volatile keys (max row probability > threshold) go last."""
+    """Uniform slices, except that volatile keys (their most volatile row above the threshold) go last."""
     n_keys = len(h_slice)
     key_prob = np.zeros(n_keys)
     np.maximum.at(key_prob, inverse, np.asarray(deletion_prob, dtype=np.float64))
-    if slices == 1:
-        return np.zeros(n_keys, dtype=np.int32)
-    stable = (h_slice % np.uint64(slices - 1)).astype(np.int32)
-    return np.where(key_prob > VOLATILE_THRESHOLD, slices - 1, stable).astype(np.int32)
+    uniform = (h_slice % np.uint64(slices)).astype(np.int32)
+    return np.where(key_prob > VOLATILE_THRESHOLD, slices - 1, uniform).astype(np.int32)
 
 
 def shard_sizes(shard_of: np.ndarray, shards: int) -> np.ndarray:

@@ -1,0 +1,590 @@
+#!/usr/bin/env python
+"""Benchmark SISA unlearning against retraining from scratch, on Purchase-like synthetic data.
+
+    python scripts/bench_unlearning.py --json bench-results/bench.json      # full: 100k records, 600 features
+    python scripts/bench_unlearning.py --quick --json /tmp/bench-quick.json  # reduced, a few minutes on 2 cores
+
+Sections (each prints a table; all numbers land in the JSON, ratios > 1 meaning "faster"):
+  accuracy      SISA ensemble accuracy for S x R next to a single model on all data (S=1, R=1; same epochs)
+  speedup       wall time of a full retrain / wall time of a deletion, K=1 and K=8 requests (batched), next to
+                the paper's expected value (sisa.costs) and their ratio; in-process (warm) and once via the CLI;
+                the profile of one deletion (what its fixed overhead is made of)
+  overhead      per-shard training throughput of sisa vs a minimal hand-written torch loop on the same tensors
+  parallel      all shards with training.n_jobs=2 vs 1 (joblib, warm pool); stacked vs loop executor training
+  inference     stacked (vmap) vs looped ensemble inference, S=20, batch 1 / 64 / 4096
+  aware         distribution-aware vs uniform placement: expected and measured cost, accuracy
+Ratios are measured within one run: the machine may be shared and noisy. Timings are min-of-repeats where cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import json
+import os
+import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from sisa import costs  # noqa: E402
+from sisa.aggregation import Ensemble  # noqa: E402
+from sisa.config import Config  # noqa: E402
+from sisa.datasets import PURCHASE_BENCH_FLIP, make_purchase  # noqa: E402
+from sisa.executors import run_jobs  # noqa: E402
+from sisa.fitting import create_run, evaluate, plan, train, train_spec  # noqa: E402
+from sisa.models import build_model  # noqa: E402
+from sisa.rundir import RunDir  # noqa: E402
+from sisa.training import ShardData, ShardJob, TrainSpec, train_shard  # noqa: E402
+from sisa.unlearning import delete  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    n: int  # training records
+    n_test: int
+    epochs: float  # accuracy grid, overhead, parallel, stacked, aware
+    grid_shards: tuple[int, ...]
+    grid_slices: tuple[int, ...]
+    shards: int  # speedup section (the paper's Purchase setting: S=20, R=50)
+    slices: int
+    speed_epochs: float
+    k1_deletions: int  # one per slice, spread over the slices
+    k8_batches: int
+    par_shards: int  # parallel / stacked sections
+    par_epochs: float
+    aware_shards: int
+    aware_slices: int
+    aware_batches: int
+    reps: int
+
+
+FULL = Setup(
+    n=100_000, n_test=10_000, epochs=10, grid_shards=(1, 5, 10, 20), grid_slices=(1, 10, 50),
+    shards=20, slices=50, speed_epochs=10, k1_deletions=50, k8_batches=8,
+    par_shards=20, par_epochs=10, aware_shards=20, aware_slices=10, aware_batches=6, reps=3,
+)  # fmt: skip
+QUICK = Setup(
+    n=20_000, n_test=4_096, epochs=4, grid_shards=(1, 5, 10, 20), grid_slices=(1, 10),
+    shards=10, slices=10, speed_epochs=8, k1_deletions=10, k8_batches=3,
+    par_shards=10, par_epochs=10, aware_shards=10, aware_slices=10, aware_batches=3, reps=2,
+)  # fmt: skip
+HIDDEN = [128]
+
+
+def config(shards: int, slices: int, epochs: float, **training) -> Config:
+    t = {"epochs": epochs, "batch_size": 128, "lr": 1e-3, "seed": 0, "device": "cpu", "progress": False}
+    return Config.from_dict(
+        {
+            "data": {"deletion_prob_column": training.pop("prob_column", None)},
+            "sharding": {"shards": shards, "slices": slices, "strategy": training.pop("strategy", "uniform")},
+            "model": {"hidden": HIDDEN},
+            "training": {**t, **training},
+        }
+    )
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def best_of(reps: int, fn) -> float:
+    return min(timed(fn)[1] for _ in range(reps))
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n== {title}")
+    for j, r in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+# ---- accuracy --------------------------------------------------------------------------------------------------
+def accuracy(s: Setup, work: Path, df, X_test, y_test, out: dict) -> Ensemble:
+    grid, keep, widest = {}, None, max(s.grid_shards)
+    for S in s.grid_shards:
+        for R in s.grid_slices:
+            root = work / f"acc-S{S}-R{R}"
+            (run, _), secs = timed(train, root, config(S, R, s.epochs), df)
+            ens = Ensemble.from_manifest(run.root, run.config(), run.manifest())
+            grid[f"S{S}_R{R}"] = {"accuracy": ens.accuracy(X_test, y_test), "train_seconds": secs}
+            if keep is None and widest == S:
+                keep = ens
+            shutil.rmtree(root)
+    single = grid[f"S1_R{min(s.grid_slices)}"]["accuracy"] if 1 in s.grid_shards else None
+    out["accuracy"] = {"grid": grid, "single_model": single, "epochs": s.epochs, "executor": "auto"}
+    rows = [[S, *[grid[f"S{S}_R{R}"]["accuracy"] for R in s.grid_slices], single] for S in s.grid_shards]
+    table("accuracy on held-out rows", ["S", *[f"R={R}" for R in s.grid_slices], "single model"], rows)
+    return keep
+
+
+# ---- unlearning speedup ----------------------------------------------------------------------------------------
+def speedup(s: Setup, work: Path, df, out: dict) -> None:
+    cfg = config(s.shards, s.slices, s.speed_epochs, executor="loop")
+    train(work / "warmup", config(2, 2, 1, executor="loop"), df.iloc[:500])  # imports, first Adam step
+    shutil.rmtree(work / "warmup")
+    root = work / "speedup"
+    (run, report), t_full = timed(train, root, cfg, df)
+    full_samples = sum(r.samples for r in report.results)
+    full_training = sum(r.seconds for r in report.results)  # inside the shards; the rest is creating the run
+    rng = np.random.Generator(np.random.PCG64(7))
+    k1, k8 = [], []
+    slices = np.unique(np.linspace(0, s.slices - 1, s.k1_deletions).round().astype(int))
+    for j in slices:  # stratified over slices: the mean estimates E[cost] for a uniformly random record
+        active = run.index(verify=False).active
+        pool = active.loc[active["slice"] == j, "record_id"].to_numpy()
+        receipt, secs = timed(delete, root, [pool[rng.integers(len(pool))].item()])
+        k1.append((secs, receipt["samples_retrained"]))
+    for _ in range(s.k8_batches):
+        ids = run.index(verify=False).active["record_id"].to_numpy()
+        receipt, secs = timed(delete, root, rng.choice(ids, 8, replace=False).tolist())
+        k8.append((secs, receipt["samples_retrained"]))
+    profile = _profile_deletion(root, rng)
+    cli_secs = _cli_deletion(root, rng)
+    eval_secs = _evaluate_overhead(run, work, df)
+    shutil.rmtree(root)
+    t_again = timed(train, root, cfg, df)[
+        1
+    ]  # again at the end: the faster of the two (the machine is shared)
+    t_full = min(t_full, t_again)
+    shutil.rmtree(root)
+
+    res = {
+        "shards": s.shards,
+        "slices": s.slices,
+        "epochs": s.speed_epochs,
+        "records": s.n,
+        "executor": "loop",
+    }
+    res.update(
+        full_retrain_seconds=t_full,
+        full_retrain_seconds_second_run=t_again,
+        full_retrain_samples=full_samples,
+        full_retrain_shard_training_seconds=full_training,
+    )
+    for name, K, rows in (("k1", 1, k1), ("k8", 8, k8)):
+        secs, samples = float(np.mean([r[0] for r in rows])), float(np.mean([r[1] for r in rows]))
+        expected = costs.expected_speedup(s.shards, s.slices, K)
+        res[f"speedup_{name}_measured"] = t_full / secs
+        res[f"speedup_{name}_expected"] = expected
+        res[f"speedup_{name}_ratio"] = t_full / secs / expected
+        res[f"speedup_{name}_samples"] = full_samples / samples  # the cost model alone, no overheads
+        res[f"deletion_{name}_seconds"] = secs
+        res[f"deletion_{name}_requests"] = len(rows)
+    res.update(cli_delete_seconds=cli_secs, cli_speedup_k1=t_full / cli_secs, deletion_profile=profile)
+    res["evaluate_seconds_per_deletion_if_data_test_set"] = eval_secs
+    out["speedup"] = res
+    table(
+        f"unlearning speedup vs full retrain ({t_full:.1f} s; S={s.shards}, R={s.slices}, in-process)",
+        ["K", "measured", "expected", "ratio", "cost-model (samples)", "s/deletion", "requests"],
+        [
+            [K, res[f"speedup_{n}_measured"], res[f"speedup_{n}_expected"], res[f"speedup_{n}_ratio"],
+             res[f"speedup_{n}_samples"], res[f"deletion_{n}_seconds"], res[f"deletion_{n}_requests"]]
+            for n, K in (("k1", 1), ("k8", 8))
+        ],
+    )  # fmt: skip
+    print(f"  CLI `sisa delete` (new process): {cli_secs:.2f} s -> speedup {t_full / cli_secs:.2f}")
+    print("  one K=1 deletion, seconds by part (inclusive):")
+    for k, v in profile.items():
+        print(f"    {k:45s} {v:7.3f}")
+
+
+PARTS = {  # (file, function) -> label: inclusive time inside one deletion (parts may nest, e.g. config reads)
+    ("executors.py", "run_jobs"): "retrain (run_jobs)",
+    ("checkpoints.py", "save_checkpoint"): "checkpoint writes (inside retrain)",
+    ("unlearning.py", "_resolve"): "find the IDs",
+    ("unlearning.py", "_purged_shard_data"): "purge shard data (read + rewrite parquet)",
+    ("unlearning.py", "_index_files"): "serialise index + tombstones",
+    ("rundir.py", "index"): "read index",
+    ("rundir.py", "config"): "read config.yaml",
+    ("fitting.py", "plan"): "plan (read shards, fingerprint chains)",
+    ("fitting.py", "evaluate"): "evaluate test accuracy",
+    ("fitting.py", "collect_garbage"): "delete stale checkpoints",
+    ("rundir.py", "write_manifest"): "write manifest",
+    ("journal.py", "begin"): "journal",
+    ("journal.py", "stage"): "journal",
+    ("journal.py", "complete"): "journal",
+    ("storage.py", "sha256_file"): "sha256 of files",
+}
+
+
+def _profile_deletion(root: Path, rng) -> dict:
+    run = RunDir(root)
+    ids = run.index(verify=False).active["record_id"].to_numpy()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(delete, root, [ids[rng.integers(len(ids))].item()])
+    total = time.perf_counter() - t0
+    parts: dict[str, float] = {"total": total}
+    for (path, _, func), (_, _, _, cum, _) in pstats.Stats(prof).stats.items():
+        label = next((v for (f, fn), v in PARTS.items() if path.endswith(f) and fn == func), None)
+        if label:
+            parts[label] = parts.get(label, 0.0) + cum
+    return {k: round(v, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+
+
+def _cli_deletion(root: Path, rng) -> float:
+    ids = RunDir(root).index(verify=False).active["record_id"].to_numpy()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(root), str(ids[rng.integers(len(ids))])]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _evaluate_overhead(run: RunDir, work: Path, df) -> float:
+    """What refresh adds to every deletion when the config names a test table (fitting.evaluate)."""
+    test_path = work / "test.parquet"
+    df.iloc[:4096].to_parquet(test_path)
+    cfg = run.config()
+    cfg.data.test = str(test_path)
+    return min(timed(evaluate, run, cfg, run.manifest())[1] for _ in range(2))
+
+
+# ---- framework overhead ----------------------------------------------------------------------------------------
+def overhead(s: Setup, work: Path, df, out: dict) -> None:
+    D, e = s.n // s.shards, s.par_epochs  # one shard of the speedup section, enough epochs for a steady state
+    X = np.ascontiguousarray(df.iloc[:D, 2:].to_numpy(np.float32))
+    y = np.array(df["label"].to_numpy(np.int64)[:D])
+    res = {"rows": D, "epochs": e}
+    minimal = best_of(s.reps, lambda: _minimal_loop(X, y, e, "torch"))
+    same_opt = best_of(s.reps, lambda: _minimal_loop(X, y, e, "sisa"))
+    for R in sorted({1, s.slices}):
+        cfg = config(1, R, e, executor="loop")
+        spec = TrainSpec(cfg, X.shape[1], 100, cfg.digest(), str(work / f"overhead-R{R}"), "cpu")
+        job = ShardJob(0, 0, tuple(f"{k:064x}" for k in range(R)))
+        data = ShardData(X, y, np.linspace(D / R, D, R).round().astype(np.int64))
+        framework = best_of(s.reps, lambda spec=spec, job=job, data=data: train_shard(spec, job, data))
+        key = "overhead_ratio" if R == 1 else "overhead_ratio_sliced"
+        res[key] = minimal / framework
+        res[f"framework_samples_per_s_R{R}"] = e * D / framework
+    res["minimal_samples_per_s"] = e * D / minimal
+    res["minimal_with_sisa_optimizer_samples_per_s"] = e * D / same_opt
+    out["overhead"] = res
+    table(
+        f"per-shard training throughput, {D} rows x {e} epochs, 1 thread (samples/s)",
+        ["path", "samples/s", "vs minimal loop"],
+        [
+            ["minimal torch loop (torch.optim.Adam)", res["minimal_samples_per_s"], 1.0],
+            ["minimal loop with sisa.optim.Optimizer", res["minimal_with_sisa_optimizer_samples_per_s"],
+             minimal / same_opt],
+            *[[f"sisa train_shard, R={R}", res[f"framework_samples_per_s_R{R}"],
+               res["overhead_ratio" if R == 1 else "overhead_ratio_sliced"]] for R in sorted({1, s.slices})],
+        ],
+    )  # fmt: skip
+
+
+def _minimal_loop(X: np.ndarray, y: np.ndarray, epochs: float, optimizer: str) -> None:
+    """What a user would write by hand: same model and batches, nothing else."""
+    from sisa.config import TrainingConfig
+    from sisa.optim import Optimizer
+
+    torch.set_num_threads(1)
+    model = build_model(config(1, 1, 1).model, X.shape[1], 100, 0)
+    if optimizer == "torch":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = Optimizer(TrainingConfig(), dict(model.named_parameters()))
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(int(epochs)):
+        perm = torch.randperm(len(Xt), generator=g)
+        for start in range(0, len(Xt), 128):
+            idx = perm[start : start + 128]
+            for p in model.parameters():
+                p.grad = None
+            torch.nn.functional.cross_entropy(model(Xt[idx]), yt[idx]).backward()
+            opt.step()
+
+
+# ---- parallel and stacked training -----------------------------------------------------------------------------
+def parallel(s: Setup, work: Path, df, out: dict) -> None:
+    n = s.n * s.par_shards // s.shards  # keep D = N/S of the speedup section
+    run = create_run(
+        work / "parallel", config(s.par_shards, 1, s.epochs, executor="loop"), _table(df.iloc[:n])
+    )
+    cfg = run.config()
+    jobs, data, _ = plan(run, cfg, list(range(s.par_shards)))
+    base = train_spec(run, cfg)
+
+    def spec(n_jobs: int, root: str) -> TrainSpec:
+        c = Config.from_dict({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "n_jobs": n_jobs}})
+        return dataclasses.replace(base, config=c, checkpoint_root=str(work / root))
+
+    _, cold = timed(run_jobs, spec(2, "warm"), jobs[:2], data, "loop")  # starts the loky pool
+    t = {}
+    for name, n_jobs, executor in (("loop1", 1, "loop"), ("loop2", 2, "loop"), ("stacked1", 1, "stacked"),
+                                   ("stacked2", 2, "stacked")):  # fmt: skip
+        t[name] = best_of(
+            s.reps, lambda n_jobs=n_jobs, e=executor, r=f"ck-{name}": run_jobs(spec(n_jobs, r), jobs, data, e)
+        )
+    equal = _same_checkpoints(work / "ck-loop1", work / "ck-stacked1")
+    res = {
+        "shards": s.par_shards,
+        "parallel_speedup": t["loop1"] / t["loop2"],
+        "parallel_speedup_stacked": t["stacked1"] / t["stacked2"],
+        "stacked_train_speedup_cpu": t["loop1"] / t["stacked1"],
+        "stacked_equals_loop_cpu": equal,
+        "seconds": t,
+        "pool_cold_start_seconds_2_shards": cold,
+    }
+    res["stacked_train_speedup_gpu"] = (
+        _gpu_stacked(base, jobs, data, work) if torch.cuda.is_available() else None
+    )
+    out["parallel"] = res
+    table(
+        f"training {s.par_shards} shards (D={n // s.par_shards}, {s.par_epochs} epochs, R=1)",
+        ["executor", "n_jobs=1 s", "n_jobs=2 s", "parallel speedup"],
+        [["loop", t["loop1"], t["loop2"], res["parallel_speedup"]],
+         ["stacked", t["stacked1"], t["stacked2"], res["parallel_speedup_stacked"]]],
+    )  # fmt: skip
+    print(f"  stacked vs loop (1 process): {res['stacked_train_speedup_cpu']:.2f}x, bit-equal: {equal}; "
+          f"GPU: {res['stacked_train_speedup_gpu']}")  # fmt: skip
+
+
+def _table(df):
+    from sisa.tables import validate_table
+
+    return validate_table(df, Config().data, "benchmark data")
+
+
+def _same_checkpoints(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    if not files or files != sorted(p.relative_to(b) for p in b.rglob("*.safetensors")):
+        return False
+    for f in files:
+        ta, tb = load_file(a / f), load_file(b / f)
+        if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta):
+            return False
+    return True
+
+
+def _gpu_stacked(base: TrainSpec, jobs, data, work: Path) -> float:
+    spec = dataclasses.replace(base, device="cuda", checkpoint_root=str(work / "ck-gpu"))
+    run_jobs(spec, jobs[:2], data, "stacked")  # CUDA start-up
+    loop = min(timed(run_jobs, spec, jobs, data, "loop")[1] for _ in range(2))
+    stacked = min(timed(run_jobs, spec, jobs, data, "stacked")[1] for _ in range(2))
+    return loop / stacked
+
+
+# ---- ensemble inference ----------------------------------------------------------------------------------------
+def inference(s: Setup, ens: Ensemble | None, X_test, out: dict) -> None:
+    """Purchase MLP (trained, from the accuracy grid) and an Adult-sized one (14-128-2), S=20, 1 thread."""
+    torch.set_num_threads(1)
+    if ens is None or len(ens.shards) < 20:
+        ens = _random_ensemble(600, 100)
+    small = _random_ensemble(14, 2)
+    X_small = np.random.Generator(np.random.PCG64(0)).normal(size=(4096, 14)).astype(np.float32)
+    res: dict = {"models": len(ens.shards), "threads": 1}
+    rows = []
+    for name, e, X_all in (("purchase_600_128_100", ens, X_test), ("adult_14_128_2", small, X_small)):
+        res[name] = {}
+        for B in (1, 64, 4096):
+            X = np.ascontiguousarray(X_all[:B])
+            calls = max(3, 2048 // B)
+            loop, stacked = (
+                best_of(
+                    s.reps + 1,
+                    lambda X=X, c=calls, m=mode, e=e: [e.shard_probabilities(X, m) for _ in range(c)],
+                )
+                for mode in ("loop", "stacked")
+            )
+            r = {"loop_rows_per_s": calls * B / loop, "stacked_rows_per_s": calls * B / stacked,
+                 "stacked_vs_looped": loop / stacked, "auto": e.inference_mode(B, "auto")}  # fmt: skip
+            res[name][f"batch_{B}"] = r
+            rows.append(
+                [name, B, r["loop_rows_per_s"], r["stacked_rows_per_s"], r["stacked_vs_looped"], r["auto"]]
+            )
+    res["stacked_vs_looped"] = res["purchase_600_128_100"]["batch_64"]["stacked_vs_looped"]
+    res["stacked_vs_looped_small_model"] = res["adult_14_128_2"]["batch_64"]["stacked_vs_looped"]
+    out["inference"] = res
+    table(f"ensemble inference, S={len(ens.shards)}, 1 thread (rows/s)",
+          ["model", "batch", "loop", "stacked", "stacked/loop", "auto picks"], rows)  # fmt: skip
+
+
+def _random_ensemble(n_features: int, n_classes: int, models: int = 20) -> Ensemble:
+    """Inference cost does not depend on the weights: untrained models of the right shape will do."""
+    cfg = Config.from_dict({"data": {"classes": list(range(n_classes))}, "model": {"hidden": HIDDEN}})
+    return Ensemble({k: build_model(cfg.model, n_features, n_classes, k).eval() for k in range(models)}, cfg)
+
+
+# ---- distribution-aware placement ------------------------------------------------------------------------------
+def aware(s: Setup, work: Path, df, X_test, y_test, out: dict) -> None:
+    n = s.n * s.aware_shards // s.shards
+    part = df.iloc[:n].copy()
+    rng = np.random.Generator(np.random.PCG64(11))
+    volatile = rng.random(n) < 0.1  # 10 % of the people are likely to leave
+    part["p"] = np.where(volatile, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.05, n))
+    S, R = s.aware_shards, s.aware_slices
+    res = {"records": n, "shards": S, "slices": R, "volatile_share": float(volatile.mean())}
+    draws = [rng.choice(n, 8, replace=False, p=part["p"] / part["p"].sum()) for _ in range(s.aware_batches)]
+    for strategy in ("uniform", "distribution_aware"):
+        cfg = config(S, R, s.epochs, executor="loop", strategy=strategy, prob_column="p")
+        (run, _), secs = timed(train, work / strategy, cfg, part)
+        ens = Ensemble.from_manifest(run.root, run.config(), run.manifest())
+        idx = run.index(verify=False).active.merge(part[["record_id", "p"]], on="record_id")
+        kw = {"shards": S, "slices": R, "epochs": s.epochs}
+        r = {"accuracy": ens.accuracy(X_test, y_test), "train_seconds": secs}
+        r["training_samples"] = costs.placement_training_cost(idx["shard"], idx["slice"], **kw)
+        for K in (1, 8):
+            r[f"expected_samples_k{K}"] = costs.placement_cost(
+                idx["shard"], idx["slice"], idx["p"], requests=K, **kw
+            )
+        measured = [timed(delete, run.root, part["record_id"].iloc[d].tolist()) for d in draws]
+        r["measured_samples_k8"] = float(np.mean([m[0]["samples_retrained"] for m in measured]))
+        r["measured_seconds_k8"] = float(np.mean([m[1] for m in measured]))
+        res[strategy] = r
+        shutil.rmtree(run.root)
+    u, a = res["uniform"], res["distribution_aware"]
+    res["expected_cost_ratio_k1"] = u["expected_samples_k1"] / a["expected_samples_k1"]
+    res["expected_cost_ratio_k8"] = u["expected_samples_k8"] / a["expected_samples_k8"]
+    res["measured_cost_ratio_k8"] = u["measured_samples_k8"] / a["measured_samples_k8"]
+    res["measured_time_ratio_k8"] = u["measured_seconds_k8"] / a["measured_seconds_k8"]
+    out["aware"] = res
+    table(
+        f"distribution-aware vs uniform placement ({n} records, 10 % volatile, requests drawn by probability)",
+        ["strategy", "accuracy", "E[cost] K=1", "E[cost] K=8", "measured K=8", "s per K=8", "training samples"],
+        [[k, v["accuracy"], v["expected_samples_k1"], v["expected_samples_k8"], v["measured_samples_k8"],
+          v["measured_seconds_k8"], v["training_samples"]] for k, v in (("uniform", u), ("distribution_aware", a))],
+    )  # fmt: skip
+
+
+# ---- output ----------------------------------------------------------------------------------------------------
+def summary(out: dict) -> dict:
+    sp, ov, par, inf = (out.get(k, {}) for k in ("speedup", "overhead", "parallel", "inference"))
+    keys = {
+        "speedup_k1_measured": sp.get("speedup_k1_measured"),
+        "speedup_k1_expected": sp.get("speedup_k1_expected"),
+        "speedup_k8_measured": sp.get("speedup_k8_measured"),
+        "speedup_k8_expected": sp.get("speedup_k8_expected"),
+        "overhead_ratio": ov.get("overhead_ratio"),
+        "parallel_speedup": par.get("parallel_speedup"),
+        "stacked_vs_looped": inf.get("stacked_vs_looped"),
+        "stacked_train_speedup_cpu": par.get("stacked_train_speedup_cpu"),
+        "stacked_train_speedup_gpu": par.get("stacked_train_speedup_gpu"),
+        "stacked_equals_loop_cpu": par.get("stacked_equals_loop_cpu"),
+    }
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in keys.items()}
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    acc = out.get("accuracy", {})
+    grid = acc.get("grid", {})
+    shards = sorted({int(k.split("_")[0][1:]) for k in grid})
+    for R in sorted({int(k.split("_R")[1]) for k in grid}):
+        left.plot(shards, [grid[f"S{S}_R{R}"]["accuracy"] for S in shards], "o-", label=f"SISA, R={R}")
+    if acc.get("single_model") is not None:
+        left.axhline(acc["single_model"], color="k", ls="--", label="single model, all data")
+    left.set(xlabel="shards S", ylabel="test accuracy", title="Accuracy vs shards", xticks=shards)
+    left.legend()
+    sp = out.get("speedup")
+    if sp:
+        ks = np.arange(1, 33)
+        right.plot(ks, [costs.expected_speedup(sp["shards"], sp["slices"], int(k)) for k in ks], "-",
+                   label=f"expected (S={sp['shards']}, R={sp['slices']})")  # fmt: skip
+        right.plot(
+            [1, 8], [sp["speedup_k1_measured"], sp["speedup_k8_measured"]], "o", label="measured, wall time"
+        )
+        right.plot(
+            [1, 8], [sp["speedup_k1_samples"], sp["speedup_k8_samples"]], "x", label="measured, samples"
+        )
+        right.set(xscale="log", yscale="log", xlabel="requests K (batched)", ylabel="speedup vs full retrain",
+                  title="Unlearning speedup vs K")  # fmt: skip
+        right.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        right.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick", action="store_true", help="reduced sizes (20k records), a few minutes on 2 cores"
+    )
+    ap.add_argument("--json", type=Path, help="write every number to this JSON file")
+    ap.add_argument("--plot", type=Path, help="PNG plot (default: next to --json, else bench-results/)")
+    ap.add_argument("--work", type=Path, help="scratch folder for run directories (default: a temp folder)")
+    ap.add_argument("--only", default="accuracy,speedup,overhead,parallel,inference,aware",
+                    help="comma-separated sections to run")  # fmt: skip
+    ap.add_argument("--speed-epochs", type=float, help="epochs of the speedup section (default 10; quick 8)")
+    a = ap.parse_args(argv)
+    s = QUICK if a.quick else FULL
+    if a.speed_epochs:
+        s = dataclasses.replace(s, speed_epochs=a.speed_epochs)
+    only = set(a.only.split(","))
+    work = Path(a.work or tempfile.mkdtemp(prefix="sisa-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    full = make_purchase(s.n + s.n_test, seed=0, flip=PURCHASE_BENCH_FLIP)
+    df, test = full.iloc[: s.n].reset_index(drop=True), full.iloc[s.n :]
+    X_test, y_test = (
+        np.array(test.iloc[:, 2:].to_numpy(np.float32)),
+        np.array(test["label"].to_numpy(np.int64)),
+    )
+    print(f"Purchase-like data: {s.n} train + {s.n_test} test records, 600 features, 100 classes, "
+          f"flip={PURCHASE_BENCH_FLIP}; MLP 600-{HIDDEN[0]}-100{'; QUICK (reduced sizes)' if a.quick else ''}")  # fmt: skip
+    out: dict = {"quick": a.quick, "setup": dataclasses.asdict(s)}
+    ens = None
+    try:
+        if "accuracy" in only:
+            ens = accuracy(s, work, df, X_test, y_test, out)
+        if "speedup" in only:
+            speedup(s, work, df, out)
+        if "overhead" in only:
+            overhead(s, work, df, out)
+        if "parallel" in only:
+            parallel(s, work, df, out)
+        if "inference" in only:
+            inference(s, ens, X_test, out)
+        if "aware" in only:
+            aware(s, work, df, X_test, y_test, out)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    out["environment"] = {
+        "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    }  # fmt: skip
+    out = {**summary(out), **out}
+    print("\n" + json.dumps(summary(out), indent=1))
+    print(f"total {out['environment']['seconds']} s")
+    plot_path = a.plot or (a.json.with_suffix(".png") if a.json else ROOT / "bench-results" / "bench.png")
+    plot(out, plot_path)
+    print(f"plot: {plot_path}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1, default=float) + "\n")
+        print(f"json: {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
