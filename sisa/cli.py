@@ -87,15 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -- durability parsers: verify, history, repair --
     v = sub.add_parser("verify", help="certify the live models: retrain from scratch and compare bit for bit")
     v.add_argument("--run", required=True)
-    v.add_argument(
-        "--shard",
-        dest="shards",
-        type=int,
-        action="append",
-        default=[],
-        metavar="N",
-        help="verify only this shard (repeatable); default all",
-    )
+    _shard_option(v, "verify")
     v.add_argument(
         "--erasure",
         action="store_true",
@@ -118,15 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("repair", help="rebuild corrupted or missing checkpoints from the run's own data")
     rp.add_argument("--run", required=True)
-    rp.add_argument(
-        "--shard",
-        dest="shards",
-        type=int,
-        action="append",
-        default=[],
-        metavar="N",
-        help="repair only this shard (repeatable); default all",
-    )
+    _shard_option(rp, "repair")
     rp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
     rp.add_argument("--json", action="store_true")
     # -- serving parsers: serve --
@@ -142,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     # -- audit parsers: audit, compare, report --
     _audit_parsers(sub)
     return p
+
+
+def _shard_option(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--shard",
+        dest="shards",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help=f"{verb} only this shard (repeatable); default all",
+    )
 
 
 def _read_ids(path: str | None) -> list[str]:
