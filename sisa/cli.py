@@ -331,7 +331,7 @@ def _verify(a: argparse.Namespace) -> int:
 
 
 def _verify_erasure(a: argparse.Namespace) -> int:
-    from .verification import check_erasure
+    from .erasure import check_erasure
 
     ids = _read_ids(a.ids_file) if a.ids_file else None
     report = check_erasure(a.run, ids, a.data, wait_s=a.wait)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .aggregation import Ensemble
-from .audit import aggregate_log_probs, loss_score, model_log_probs, retrain_from_scratch
+from .attacks import aggregate_log_probs, loss_score, model_log_probs
+from .audit import retrain_from_scratch
 from .baselines import APPROXIMATE, CLASS_ONLY, METHODS, Records, apply_baseline, fit_model
 from .config import Config
 from .exceptions import ConfigError

@@ -11,15 +11,8 @@ import pandas as pd
 import pytest
 
 from sisa.aggregation import Ensemble
-from sisa.audit import (
-    Group,
-    compare_groups,
-    former_shards,
-    lira_scores,
-    load_rows,
-    logit_confidence,
-    run_audit,
-)
+from sisa.attacks import Group, compare_groups, lira_scores, logit_confidence
+from sisa.audit import former_shards, load_rows, run_audit
 from sisa.cli import main
 from sisa.config import Config
 from sisa.exceptions import ConfigError, DataError, RunStateError
