@@ -1,4 +1,4 @@
-"""`make demo`: train on UCI Adult, predict, forget three people's records, and show the receipt.
+"""`make demo`: train on UCI Adult, predict, forget three people's records, show the receipt, verify the result.
 
 Every step is a real `sisa` command (run in this process through `sisa.cli.main`), echoed as you would type it.
 """
@@ -54,6 +54,7 @@ def main_demo() -> None:
     sisa("delete", "--run", str(RUN), *FORGET)
     sisa("delete", "--run", str(RUN), FORGET[0])
     sisa("status", "--run", str(RUN))
+    sisa("verify", "--run", str(RUN))
     sisa("predict", "--run", str(RUN), "--data", "data/adult/test.parquet", "--out", str(PREDICTIONS))
     show_predictions("predictions after forgetting")
     hits = grep_run(FORGET)
