@@ -26,7 +26,7 @@ from .executors import run_jobs
 from .index import RecordIndex
 from .rundir import RunDir, shard_data
 from .sharding import place
-from .storage import clean_temp_files, remove_tree, sha256_file, writer_lock
+from .storage import clean_temp_files, read_parquet_hashed, remove_tree, sha256_file, writer_lock
 from .tables import Table, read_table, validate_table
 from .training import ShardData, ShardJob, ShardResult, TrainSpec, resolve_device
 
@@ -115,10 +115,10 @@ def plan(run: RunDir, config: Config, shards: list[int]) -> tuple[list[ShardJob]
     digest, R = config.digest(), config.sharding.slices
     jobs, data, chains = [], {}, {}
     for s in shards:
-        frame = run.shard_frame(s, verify=False)
+        frame, sha = read_parquet_hashed(run.data_path(s))  # checked against the manifest by refresh
         d = shard_data(frame, config.data.features, R)
         fps = fingerprint_chain(digest, s, frame["_record_id"].to_numpy(), d.labels, d.features, d.slice_ends)
-        chains[s] = {"fingerprints": fps, "records": int(len(frame)), "sha256": sha256_file(run.data_path(s))}
+        chains[s] = {"fingerprints": fps, "records": int(len(frame)), "sha256": sha}
         first_missing = next(
             (k for k in range(R) if not is_complete(run.shard_checkpoints(s) / checkpoint_name(k, fps[k]))), R
         )
