@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .executors import run_jobs
 from .index import RecordIndex
 from .rundir import RunDir, shard_data
 from .sharding import place
-from .storage import clean_temp_files, read_parquet_hashed, remove_tree, sha256_file, writer_lock
+from .storage import clean_temp_files, parse_parquet, remove_tree, sha256_bytes, sha256_file, writer_lock
 from .tables import Table, read_table, validate_table
 from .training import ShardData, ShardJob, ShardResult, TrainSpec, resolve_device
 
@@ -110,12 +111,23 @@ def train_spec(run: RunDir, config: Config) -> TrainSpec:
     )
 
 
-def plan(run: RunDir, config: Config, shards: list[int]) -> tuple[list[ShardJob], dict[int, ShardData], dict]:
-    """Jobs for the shards whose checkpoint chain is incomplete, their data, and their chains/checksums."""
+def plan(
+    run: RunDir, config: Config, shards: list[int], check: Callable[[str, str], None] | None = None
+) -> tuple[list[ShardJob], dict[int, ShardData], dict]:
+    """Jobs for the shards whose checkpoint chain is incomplete, their data, and their chains/checksums.
+
+    Each shard data file is read once; ``check(relative path, sha256)`` vets its bytes before they are parsed."""
     digest, R = config.digest(), config.sharding.slices
     jobs, data, chains = [], {}, {}
     for s in shards:
-        frame, sha = read_parquet_hashed(run.data_path(s))  # checked against the manifest by refresh
+        path = run.data_path(s)
+        if not path.is_file():
+            raise IntegrityError(path, "file is missing")
+        raw = path.read_bytes()
+        sha = sha256_bytes(raw)
+        if check:
+            check(f"data/{path.name}", sha)
+        frame = parse_parquet(raw, path)
         d = shard_data(frame, config.data.features, R)
         fps = fingerprint_chain(digest, s, frame["_record_id"].to_numpy(), d.labels, d.features, d.slice_ends)
         chains[s] = {"fingerprints": fps, "records": int(len(frame)), "sha256": sha}
@@ -140,10 +152,14 @@ def refresh(
     config = run.config()
     old = run.manifest()
     shards = list(range(config.sharding.shards)) if shards is None else sorted(set(shards))
-    jobs, data, chains = plan(run, config, shards)
+    staged = staged or {}
+    jobs, data, chains = plan(
+        run, config, shards, lambda rel, sha: _check_files(run, old, {rel: sha}, staged)
+    )
     current = {f"data/shard-{s:03d}.parquet": chains[s]["sha256"] for s in shards}
-    current.update({n: sha256_file(run.root / n) for n in ("index.parquet", "tombstones.parquet")})
-    _check_files(run, old, current, staged or {})
+    index_files = {n: sha256_file(run.root / n) for n in ("index.parquet", "tombstones.parquet")}
+    _check_files(run, old, index_files, staged)
+    current.update(index_files)
     spec = train_spec(run, config)
     bar = _progress(config, len(jobs))
     results = run_jobs(

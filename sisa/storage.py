@@ -148,21 +148,20 @@ def read_parquet(path: Path, sha256: str | Collection[str] | None = None) -> pd.
 
     ``sha256`` may be a set of acceptable checksums: while a journaled deletion is being applied a file is either
     the version the manifest names or the one the journal entry staged before writing it."""
-    frame, actual = read_parquet_hashed(path)
-    allowed = {sha256} if isinstance(sha256, str) else sha256
-    if allowed is not None and actual not in allowed:
-        raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
-    return frame
-
-
-def read_parquet_hashed(path: Path) -> tuple[pd.DataFrame, str]:
-    """Read a Parquet file once: its frame and the SHA-256 of the bytes it was parsed from."""
     path = Path(path)
     if not path.is_file():
         raise IntegrityError(path, "file is missing")
     data = path.read_bytes()
+    allowed = {sha256} if isinstance(sha256, str) else sha256
+    if allowed is not None and sha256_bytes(data) not in allowed:
+        raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
+    return parse_parquet(data, path)
+
+
+def parse_parquet(data: bytes, path: Path) -> pd.DataFrame:
+    """Parquet bytes (already read, and verified by the caller where it must be) as a frame."""
     try:
-        return pq.read_table(io.BytesIO(data)).to_pandas(), sha256_bytes(data)
+        return pq.read_table(io.BytesIO(data)).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise IntegrityError(path, f"unreadable Parquet ({exc})") from None
 
