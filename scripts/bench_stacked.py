@@ -69,7 +69,12 @@ def train_throughput(config: Config, df, workdir: Path, repeats: int = 3) -> dic
         seconds = time.perf_counter() - t0
         best = seconds if best is None else min(best, seconds)
     samples = sum(r.samples for r in results)
-    return {"samples": samples, "seconds": round(best, 3), "samples_s": round(samples / best, 1)}
+    return {
+        "samples": samples,
+        "seconds": round(best, 3),
+        "samples_s": round(samples / best, 1),
+        "stack_threads": config.training.stack_threads,
+    }
 
 
 def stacked_train_speedup(
@@ -86,12 +91,20 @@ def stacked_train_speedup(
     df = make_purchase(records, seed=seed, n_features=n_f, n_classes=n_c)
     out = {"records": records, "shards": shards, "device": device, "repeats": repeats, "mlp": list(shape)}
     with tempfile.TemporaryDirectory(prefix="sisa-bench-stacked-", dir=_scratch_dir()) as tmp:
-        for executor in ("loop", "stacked"):
-            cfg = purchase_config(shards, executor, device).with_overrides([f"model.hidden=[{hidden}]"])
-            r = train_throughput(cfg, df, Path(tmp) / executor, repeats)
-            out[f"{executor}_samples_s"] = r["samples_s"]
-            out[f"{executor}_seconds"] = r["seconds"]
+        # "stacked": as a run resolves it (lanes = stack_threads from the model and the cores); then one lane
+        for name, executor, lanes in (
+            ("loop", "loop", None),
+            ("stacked", "stacked", None),
+            ("one_lane", "stacked", 1),
+        ):
+            overrides = [f"model.hidden=[{hidden}]", f"training.stack_threads={lanes or 'null'}"]
+            cfg = purchase_config(shards, executor, device).with_overrides(overrides)
+            r = train_throughput(cfg, df, Path(tmp) / name, repeats)
+            out[f"{name}_samples_s"], out[f"{name}_seconds"] = r["samples_s"], r["seconds"]
+            if name == "stacked":
+                out["lanes"] = r["stack_threads"]
     out["speedup"] = round(out["stacked_samples_s"] / out["loop_samples_s"], 3)
+    out["speedup_one_lane"] = round(out["one_lane_samples_s"] / out["loop_samples_s"], 3)
     return out
 
 

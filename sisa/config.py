@@ -69,6 +69,7 @@ class TrainingConfig:
     threads: int = 1  # torch CPU threads per shard worker; part of the result (see DESIGN §2.7)
     executor: str = "auto"  # auto | loop | stacked (resolved and saved)
     stack_size: int | None = None  # shards per stacked group; null = from memory_budget_mb (resolved, saved)
+    stack_threads: int | None = None  # CPU threads training a stack's shards side by side; null = the cores
     memory_budget_mb: int = 1024  # budget for one stacked group's batch tensors and activations
     n_jobs: int = 1  # parallel worker processes for the loop executor
     backend: str = "local"  # local | dask
@@ -162,6 +163,8 @@ class Config:
         _positive_int(p, "training.memory_budget_mb", t.memory_budget_mb)
         if t.stack_size is not None:
             _positive_int(p, "training.stack_size", t.stack_size)
+        if t.stack_threads is not None:
+            _positive_int(p, "training.stack_threads", t.stack_threads)
         if not (isinstance(t.lr, (int, float)) and t.lr > 0):
             p.append(f"training.lr: expected a number > 0, got {t.lr!r}")
         _choice(p, "training.optimizer", t.optimizer, ("adam", "sgd"))
@@ -216,7 +219,14 @@ class Config:
 
 
 # Training keys that change how fast, not what, is computed; they stay out of the digest.
-_NON_RESULT_TRAINING_KEYS = ("n_jobs", "backend", "scheduler", "progress", "memory_budget_mb")
+_NON_RESULT_TRAINING_KEYS = (
+    "n_jobs",
+    "backend",
+    "scheduler",
+    "progress",
+    "memory_budget_mb",
+    "stack_threads",  # exact (CPU) stacking: a shard's bits do not depend on which thread trains it
+)
 
 
 def _positive_int(p: list[str], name: str, v: Any) -> None:

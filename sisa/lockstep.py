@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoints import save_checkpoint
-from .models import build_model
+from .models import GLOBAL_RNG_LOCK, build_model
 from .optim import Optimizer
 from .stacked_models import (
     ShardStack,
@@ -217,11 +217,12 @@ class GroupTrainer:
         if lane.rng is None:
             yield
             return
-        torch.set_rng_state(lane.rng)
-        try:
-            yield
-        finally:
-            lane.rng = torch.get_rng_state()
+        with GLOBAL_RNG_LOCK:  # lanes of other threads borrow the same generator
+            torch.set_rng_state(lane.rng)
+            try:
+                yield
+            finally:
+                lane.rng = torch.get_rng_state()
 
     def _dropout_for(self, members: list[int]):
         """Dropout as F.dropout does it (bernoulli noise, divided by 1-p), each shard drawing from its generator."""

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .exceptions import ConfigError
+
+# Held by whoever borrows torch's global CPU generator (initialisation here, a stacked shard's dropout draws in
+# sisa.lockstep), so that threads of one process never draw from each other's stream.
+GLOBAL_RNG_LOCK = threading.RLock()
 
 
 class Scale(nn.Module):
@@ -109,8 +114,11 @@ class CNN(nn.Module):
 
 
 def build_model(cfg: ModelConfig, n_features: int, n_classes: int, init_seed: int) -> nn.Module:
-    """Build the configured model with parameters drawn from a generator seeded by ``init_seed`` only."""
-    with torch.random.fork_rng(devices=[]):
+    """Build the configured model with parameters drawn from a generator seeded by ``init_seed`` only.
+
+    Thread-safe: initialisation draws from torch's global generator (a user's module may too), so concurrent
+    builds (the stacked executor's threads, the server) take turns with each other and with dropout draws."""
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if cfg.name == "mlp":
             return MLP(n_features, n_classes, cfg.hidden, cfg.activation, cfg.dropout, cfg.input_scale)

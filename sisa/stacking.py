@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from .config import Config
 from .exceptions import ConfigError
+from .executors import work_units
 from .lockstep import GroupTrainer
 from .models import build_model
 from .optim import Optimizer
@@ -52,12 +55,14 @@ log = logging.getLogger("sisa")
 # How a stack runs on each device type (sisa.stacked_models). Tests switch CPU to "batched" to exercise the GPU rule.
 MODES = {"cpu": "exact", "cuda": "batched"}
 
-# executor: auto on CPU (exact mode). Exact stacking runs the loop's own kernels, so what it saves is per-step
-# overhead (one optimizer update and one backward call for the group, no per-shard Python step). Measured with
-# scripts/bench_stacked.py on this 2-core CPU (docs/stacking.md): 1.5-1.8x the loop for models of <10k
-# parameters, 1.2x at 27k, and 0.87-0.96x once the matmuls dominate (600-128-100 Purchase MLP: 90k parameters,
-# 784-256-10: 200k, the MNIST CNN), where the loop keeps one shard's weights in cache. On CUDA (batched mode) the
-# stack replaces S launch-bound shards by one: DESIGN §7 measured 13-35x (MLP) and 2.9x (CNN) on an H100.
+# executor: auto on CPU (exact mode). Exact stacking runs the loop's own kernels, so on one core what it saves is
+# per-step overhead (one optimizer update and one backward call for the group, no per-shard Python step), and
+# lanes (stack_threads) add the other cores. Measured with scripts/bench_stacked.py on this 2-core CPU
+# (docs/stacking.md): models of <50k parameters are overhead-bound, so one lane stacks them 1.5-1.9x faster than
+# the loop while two lanes contend for the GIL (1.25x); models whose matmuls or convolutions dominate (600-128-100
+# Purchase MLP: 90k parameters, 784-256-10: 200k, the MNIST CNN) gain nothing from stacking on one core
+# (0.9-1.0x) and 1.56-1.67x from two lanes. On CUDA (batched mode) the stack replaces S launch-bound shards by
+# one: DESIGN §7 measured 13-35x (MLP) and 2.9x (CNN) on an H100.
 CPU_STACKED_MAX_PARAMS = 50_000
 
 
@@ -97,6 +102,8 @@ def choose_executor(config: Config) -> str:
             executor = "loop"
         elif executor == "auto":
             executor = auto_executor(config, device)
+    if t.stack_threads is None:
+        t.stack_threads = default_stack_threads(config, device) if executor == "stacked" else 1
     if t.stack_size is None:
         t.stack_size = default_stack_size(config) if executor == "stacked" else 1
     return executor
@@ -104,11 +111,22 @@ def choose_executor(config: Config) -> str:
 
 def auto_executor(config: Config, device: str) -> str:
     """The faster executor for this model on this device (see CPU_STACKED_MAX_PARAMS)."""
-    if stacking_mode(device) != "exact":
+    if stacking_mode(device) != "exact" or overhead_bound(config):
         return "stacked"
-    if model_kind(config) == "cnn":
-        return "loop"
-    return "stacked" if parameter_count(config) <= CPU_STACKED_MAX_PARAMS else "loop"
+    return "stacked" if available_cores() > 1 else "loop"
+
+
+def default_stack_threads(config: Config, device: str) -> int:
+    """Lanes for a stacked run: the cores for models whose kernels dominate; one for overhead-bound models (their
+    Python steps would contend for the GIL) and on CUDA (one stream of full-width calls)."""
+    if stacking_mode(device) != "exact" or overhead_bound(config):
+        return 1
+    return available_cores()
+
+
+def overhead_bound(config: Config) -> bool:
+    """A model small enough that per-step overhead, not its kernels, sets the pace on CPU."""
+    return model_kind(config) != "cnn" and parameter_count(config) <= CPU_STACKED_MAX_PARAMS
 
 
 def parameter_count(config: Config) -> int:
@@ -179,25 +197,72 @@ def _activation_bytes(model: torch.nn.Module, bs: int, n_f: int, n_c: int) -> in
 
 
 def default_stack_size(config: Config) -> int:
-    """Shards per group so that one group stays within ``training.memory_budget_mb`` (at least 1, at most S)."""
+    """Shards per group so that the groups training at once (one per lane) stay within
+    ``training.memory_budget_mb`` together (at least 1, at most S)."""
     per_shard = max(shard_memory_bytes(config), 1)
-    budget = config.training.memory_budget_mb * 2**20
+    budget = config.training.memory_budget_mb * 2**20 // max(1, config.training.stack_threads or 1)
     return int(max(1, min(config.sharding.shards, budget // per_shard)))
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
 def train_stacked(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData]) -> list[ShardResult]:
-    """Train every job, a group of shards at a time; results in job order."""
+    """Train every job, a group of shards at a time; results in job order.
+
+    In exact mode the jobs are split into ``training.stack_threads`` balanced lanes that train side by side in
+    threads of this process, each shard's kernels single-threaded as in the loop, so a stack uses every core
+    without changing a bit (a shard's result does not depend on its stack, its lane or its neighbours)."""
     configure_torch(spec)
     mode = stacking_mode(spec.device)
     cfg = spec.config
     width = cfg.training.stack_size or default_stack_size(cfg)
-    results: dict[int, ShardResult] = {}
+    lanes = stack_lanes(cfg, mode, len(jobs))
     # exact mode swaps each shard's dropout stream in and out of the global RNG: leave the caller's as it was
     with torch.random.fork_rng(devices=[]):
-        for slots in plan_groups(jobs, width, mode, cfg.sharding.shards):
-            results.update(GroupTrainer(spec, slots, data, mode).run())
+        if lanes == 1:
+            results = _train_groups(spec, jobs, data, width, mode)
+        else:
+            units = work_units(spec, jobs, data, "stacked", lanes)  # balanced by rows to train
+            results = {}
+            with ThreadPoolExecutor(len(units), thread_name_prefix="sisa-stack") as pool:
+                futures = [pool.submit(_lane, spec, unit, data, width, mode) for unit in units]
+                for future in futures:  # the first error is raised once every lane has stopped
+                    results.update(future.result())
     return [results[j.shard] for j in jobs]
+
+
+def stack_lanes(config: Config, mode: str, n_jobs: int) -> int:
+    """Threads that train this process's stacked jobs: ``stack_threads`` in exact mode when this process is the
+    only trainer (with ``n_jobs`` > 1 or Dask each worker process is already one lane), else 1."""
+    t = config.training
+    if mode != "exact" or t.n_jobs > 1 or t.backend != "local":
+        return 1
+    return max(1, min(t.stack_threads or 1, n_jobs))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _lane(
+    spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], width: int, mode: str
+) -> dict[int, ShardResult]:
+    torch.set_num_threads(
+        spec.config.training.threads
+    )  # OpenMP's thread count is per thread: set it here too
+    return _train_groups(spec, jobs, data, width, mode)
+
+
+def _train_groups(
+    spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], width: int, mode: str
+) -> dict[int, ShardResult]:
+    results: dict[int, ShardResult] = {}
+    for slots in plan_groups(jobs, width, mode, spec.config.sharding.shards):
+        results.update(GroupTrainer(spec, slots, data, mode).run())
+    return results
 
 
 def plan_groups(jobs: list[ShardJob], width: int, mode: str, n_shards: int) -> list[list[ShardJob | None]]:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from .exceptions import IntegrityError, RunLockedError
 TMP_PREFIX = ".tmp-"
 CRASH_AT_ENV, CRASH_LOG_ENV = "SISA_CRASH_AT", "SISA_CRASH_LOG"
 _crash_hits = {"all": 0, "matching": 0}
+_crash_lock = threading.Lock()  # points are hit from the stacked executor's threads too
 
 
 def crash_point(kind: str, path: Path) -> None:
@@ -45,17 +47,18 @@ def crash_point(kind: str, path: Path) -> None:
     if not at and not log:
         return
     point = f"{kind}{_label(path)}"
-    _crash_hits["all"] += 1
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{_crash_hits['all']}\t{point}\n")
-    if at:
-        prefix, _, count = at.rpartition(":")
-        if prefix and not point.startswith(prefix):
-            return
-        _crash_hits["matching"] += 1
-        if _crash_hits["matching"] == int(count):
-            os.kill(os.getpid(), signal.SIGKILL)
+    with _crash_lock:
+        _crash_hits["all"] += 1
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{_crash_hits['all']}\t{point}\n")
+        if at:
+            prefix, _, count = at.rpartition(":")
+            if prefix and not point.startswith(prefix):
+                return
+            _crash_hits["matching"] += 1
+            if _crash_hits["matching"] == int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def reset_crash_counter() -> None:

@@ -143,7 +143,7 @@ def test_bad_config_key_fails_with_one_line(project, capsys):
         2,
         "invalid configuration (2 problems):; "
         "training.lrr: unknown key (known keys: epochs, batch_size, optimizer, lr, momentum, weight_decay, seed, "
-        "device, deterministic, threads, executor, stack_size, memory_budget_mb, n_jobs, backend, scheduler, "
+        "device, deterministic, threads, executor, stack_size, stack_threads, memory_budget_mb, n_jobs, backend, scheduler, "
         "progress); sharding.shards: expected an integer >= 1, got 0",
     )
     assert not (tmp / "run").exists()

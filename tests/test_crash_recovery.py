@@ -30,8 +30,12 @@ from tests.conftest import assert_runs_identical, small_config, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 DELETE_IDS = ["3", "17"]  # shard 0 from slice 0 and shard 1 from slice 2: both shards, several checkpoints
+# One lane: checkpoints are written in a fixed order, so SISA_CRASH_AT=N names the same moment in every process
+# (lanes interleave their writes; test_kill_between_checkpoints_of_parallel_lanes covers them).
 CONFIG = small_config(
-    sharding={"shards": 2, "slices": 3}, model={"hidden": [8]}, training={"epochs": 1, "batch_size": 32}
+    sharding={"shards": 2, "slices": 3},
+    model={"hidden": [8]},
+    training={"epochs": 1, "batch_size": 32, "executor": "stacked", "stack_threads": 1},
 )
 PARALLEL = 2
 
@@ -201,6 +205,23 @@ def test_a_crash_during_recovery_is_recovered_too(setup, capsys):
     assert proc.returncode == -signal.SIGKILL
     recover_with_status(run)
     assert_like_reference(run, setup.reference)
+
+
+def test_kill_between_checkpoints_of_parallel_lanes(tmp_path):
+    """Two lanes write checkpoints in whichever order their threads reach them: kill after the k-th one lands."""
+    df = make_tabular(200, seed=1, n_features=6, n_classes=3, string_labels=True)
+    base = train_run(tmp_path / "base", df, CONFIG.with_overrides(["training.stack_threads=2"]))
+    shutil.copytree(base.root, tmp_path / "reference")
+    reference = RunDir(tmp_path / "reference")
+    delete(reference.root, DELETE_IDS)
+    for k in (1, 3):
+        run = tmp_path / f"lanes-{k}"
+        shutil.copytree(base.root, run)
+        cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(run), *DELETE_IDS]
+        proc = subprocess.run(cmd, cwd=REPO, env=crash_env(f"replaced:checkpoints/:{k}"), capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-500:]
+        recover_with_status(run)
+        assert_like_reference(run, reference)
 
 
 @pytest.mark.slow

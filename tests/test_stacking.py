@@ -101,9 +101,14 @@ def assert_same_predictions(a: RunDir, b: RunDir, X: np.ndarray) -> None:
     assert np.array_equal(ea.predict_proba(X, "loop"), eb.predict_proba(X, "loop"))
 
 
-def with_executor(cfg: Config, executor: str, stack_size: int | None = None) -> Config:
+def with_executor(cfg: Config, executor: str, stack_size: int | None = None, lanes: int = 2) -> Config:
+    """``lanes``: threads training the stack side by side (exact mode); 2 by default, the CPU's path on CI."""
     return cfg.with_overrides(
-        [f"training.executor={executor}", f"training.stack_size={stack_size or 'null'}"]
+        [
+            f"training.executor={executor}",
+            f"training.stack_size={stack_size or 'null'}",
+            f"training.stack_threads={lanes}",
+        ]
     )
 
 
@@ -230,14 +235,16 @@ EQUALITY_CASES = {
 }
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
 @pytest.mark.parametrize("case", list(EQUALITY_CASES))
-def test_stacked_equals_loop_bit_for_bit(tmp_path, case):
-    """Ragged shards (different sizes, different last-batch sizes) and stacks of width 2 and 1."""
+def test_stacked_equals_loop_bit_for_bit(tmp_path, case, lanes):
+    """Ragged shards (different sizes, different last-batch sizes), stacks of width 2 and 1, trained by one thread
+    or by two side by side."""
     model, training = EQUALITY_CASES[case]
     df = make_tabular(450, seed=7, n_features=9, n_classes=10)  # 10 classes: an MKL batch-GEMM trap shape
     cfg = small_config(model=model, training=training)
     loop = train_run(tmp_path / "loop", df, with_executor(cfg, "loop"))
-    stacked = train_run(tmp_path / "stacked", df, with_executor(cfg, "stacked", 2))
+    stacked = train_run(tmp_path / "stacked", df, with_executor(cfg, "stacked", 2, lanes))
     assert loop.config().training.executor == "loop" and stacked.config().training.executor == "stacked"
     sizes = [e["records"] for e in stacked.manifest()["shards"]]
     assert len(set(sizes)) == 3, sizes  # ragged shards
@@ -245,7 +252,10 @@ def test_stacked_equals_loop_bit_for_bit(tmp_path, case):
     assert_same_predictions(loop, stacked, feature_matrix(df))
     widths = {k: m["stack_width"] for k, m in slice_metas(stacked).items()}
     assert {m["executor"] for m in slice_metas(stacked).values()} == {"stacked"}
-    assert widths == {(s, k): (2 if s < 2 else 1) for s in range(3) for k in range(3)}
+    if lanes == 1:
+        assert widths == {(s, k): (2 if s < 2 else 1) for s in range(3) for k in range(3)}
+    else:  # lanes balanced by rows: the largest shard alone, the other two together
+        assert sorted(widths.values()) == [1] * 3 + [2] * 6, widths
     assert {(m["executor"], m["stack_width"]) for m in slice_metas(loop).values()} == {("loop", 1)}
 
 
@@ -296,11 +306,11 @@ def test_shards_resuming_from_different_slices_step_in_lockstep(tmp_path):
 
 
 # ---- exact unlearning with the stacked executor ------------------------------------------------------------------
+@pytest.mark.parametrize("lanes", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
-def test_stacked_mlp_delete_equals_retrain_from_scratch(tmp_path, tabular, case):
-    cfg = small_config(
-        model={"hidden": [16, 8], "dropout": 0.2}, training={"executor": "stacked", "stack_size": 2}
-    )
+def test_stacked_mlp_delete_equals_retrain_from_scratch(tmp_path, tabular, case, lanes):
+    training = {"executor": "stacked", "stack_size": 2, "stack_threads": lanes}
+    cfg = small_config(model={"hidden": [16, 8], "dropout": 0.2}, training=training)
     run, receipt, _ = delete_and_compare(tmp_path, tabular, cfg, CASES[case])
     retrained = {int(s) for s in receipt["shards_retrained"]}
     widths = {m["stack_width"] for (s, _), m in slice_metas(run).items() if s in retrained}
@@ -312,7 +322,7 @@ def test_stacked_cnn_delete_equals_retrain_from_scratch(tmp_path, case):
     df = make_tabular(360, seed=5, n_features=16, n_classes=3, string_labels=True)  # 4x4 "images"
     cfg = small_config(
         model={"name": "cnn", "options": {"channels": [3, 4]}, "dropout": 0.2},
-        training={"executor": "stacked", "stack_size": 2, "batch_size": 24},
+        training={"executor": "stacked", "stack_size": 2, "batch_size": 24, "stack_threads": 2},
     )
     delete_and_compare(tmp_path, df, cfg, CASES[case])
 
@@ -320,7 +330,8 @@ def test_stacked_cnn_delete_equals_retrain_from_scratch(tmp_path, case):
 def test_retrain_steps_only_the_affected_shards(tmp_path):
     """Cost grows with the number of affected shards, not with S: count per-shard optimizer steps."""
     df = make_tabular(800, seed=6, n_features=6, n_classes=3)
-    cfg = small_config(sharding={"shards": 6, "slices": 2}, training={"executor": "stacked"})
+    training = {"executor": "stacked", "stack_threads": 1}  # one lane: the affected shards form one stack
+    cfg = small_config(sharding={"shards": 6, "slices": 2}, training=training)
     run = train_run(tmp_path / "run", df, cfg)
     assert run.config().training.stack_size == 6  # the whole ensemble fits the memory budget in one stack
     metas = slice_metas(run)
@@ -380,12 +391,17 @@ def test_auto_picks_the_faster_executor_per_model_and_device(monkeypatch):
     small = resolved(small_config(training={"device": "cpu"}))
     assert (small.training.executor, small.training.stack_size) == ("stacked", 3)
     assert small.training.stack_size == default_stack_size(small)
-    # on CPU, models whose matmuls dominate train as fast in the loop (docs/stacking.md): Purchase MLP, the CNN
+    assert small.training.stack_threads == 1  # overhead-bound: one lane (two would contend for the GIL)
+    # on CPU, models whose matmuls dominate gain only from lanes (docs/stacking.md): Purchase MLP, the CNN
     purchase = small_config(model={"hidden": [128]})
     assert parameter_count(resolved(purchase, 600, range(100))) == 600 * 128 + 128 + 128 * 100 + 100
     assert parameter_count(resolved(purchase, 600, range(100))) > CPU_STACKED_MAX_PARAMS
+    monkeypatch.setattr(stacking, "available_cores", lambda: 1)
     assert resolved(purchase, 600, range(100)).training.executor == "loop"
     assert resolved(small_config(model={"name": "cnn"}), 16).training.executor == "loop"
+    monkeypatch.setattr(stacking, "available_cores", lambda: 4)
+    for cfg in (resolved(purchase, 600, range(100)), resolved(small_config(model={"name": "cnn"}), 16)):
+        assert (cfg.training.executor, cfg.training.stack_threads) == ("stacked", 4)
     monkeypatch.setitem(stacking.MODES, "cpu", "batched")  # the CUDA rule: every model stacks
     assert resolved(purchase, 600, range(100)).training.executor == "stacked"
     assert resolved(small_config(model={"name": "cnn"}), 16).training.executor == "stacked"
