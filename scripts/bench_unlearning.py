@@ -328,7 +328,9 @@ def parallel(s: Setup, work: Path, df, out: dict) -> None:
     lanes = available_cores()
 
     def spec(n_jobs: int, root: str, stack_threads: int = 1) -> TrainSpec:
+        # stack_size null: a stacked executor's groups as a stacked run resolves them (the budget, per lane)
         training = {**cfg.to_dict()["training"], "n_jobs": n_jobs, "stack_threads": stack_threads}
+        training["stack_size"] = None
         c = Config.from_dict({**cfg.to_dict(), "training": training})
         return dataclasses.replace(base, config=c, checkpoint_root=str(work / root))
 

@@ -250,9 +250,8 @@ def available_cores() -> int:
 def _lane(
     spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], width: int, mode: str
 ) -> dict[int, ShardResult]:
-    torch.set_num_threads(
-        spec.config.training.threads
-    )  # OpenMP's thread count is per thread: set it here too
+    # OpenMP keeps its thread count per thread: set this lane's, so its kernels run as the loop's do
+    torch.set_num_threads(spec.config.training.threads)
     return _train_groups(spec, jobs, data, width, mode)
 
 
