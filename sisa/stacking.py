@@ -232,11 +232,13 @@ def train_stacked(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardDa
 
 def stack_lanes(config: Config, mode: str, n_jobs: int) -> int:
     """Threads that train this process's stacked jobs: ``stack_threads`` in exact mode when this process is the
-    only trainer (with ``n_jobs`` > 1 or Dask each worker process is already one lane), else 1."""
+    only trainer (with ``n_jobs`` > 1 or Dask each worker process is already one lane), else 1. Never more than
+    this machine's cores (a run trained on a bigger machine keeps its saved value; lanes do not change bits) or
+    than the jobs."""
     t = config.training
     if mode != "exact" or t.n_jobs > 1 or t.backend != "local":
         return 1
-    return max(1, min(t.stack_threads or 1, n_jobs))
+    return max(1, min(t.stack_threads or 1, n_jobs, available_cores()))
 
 
 def available_cores() -> int:

@@ -41,6 +41,7 @@ def test_lanes_are_threads_training_at_the_same_time(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(lockstep.GroupTrainer, "run", timed_run)
+    monkeypatch.setattr(stacking, "available_cores", lambda: 2)  # lanes are capped at the cores
     df = make_tabular(400, seed=3, n_features=5, n_classes=3)
     run = train_run(tmp_path / "run", df, lane_config(stack_threads=2, stack_size=2))
     assert run.config().training.stack_threads == 2
@@ -82,6 +83,7 @@ def test_an_error_in_one_lane_is_raised_after_every_lane_stopped(tmp_path, monke
         return out
 
     monkeypatch.setattr(lockstep.GroupTrainer, "run", failing_run)
+    monkeypatch.setattr(stacking, "available_cores", lambda: 2)
     with pytest.raises(RuntimeError, match="lane with shard 0 failed"):
         train_stacked(train_spec(run, config), jobs, data)
     assert finished and 0 not in sum(finished, [])  # the other lane ran to its end before the error surfaced
@@ -145,9 +147,13 @@ def test_memory_budget_is_shared_by_the_lanes():
     assert stacking.default_stack_size(per_lane) == max(1, stacking.default_stack_size(base) // 4)
 
 
-def test_lanes_only_where_this_process_is_the_only_trainer():
+def test_lanes_only_where_this_process_is_the_only_trainer(monkeypatch):
+    monkeypatch.setattr(stacking, "available_cores", lambda: 8)
     cfg = small_config(training={"stack_threads": 4})
     assert stack_lanes(cfg, "exact", 10) == 4
+    monkeypatch.setattr(stacking, "available_cores", lambda: 2)  # a run trained on a bigger machine
+    assert stack_lanes(cfg, "exact", 10) == 2
+    monkeypatch.setattr(stacking, "available_cores", lambda: 8)
     assert stack_lanes(cfg, "exact", 3) == 3  # never more lanes than jobs
     assert stack_lanes(cfg, "batched", 10) == 1  # GPU: one stream of full-width calls
     assert stack_lanes(cfg.with_overrides(["training.n_jobs=2"]), "exact", 10) == 1  # each worker is a lane
