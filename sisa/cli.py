@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set sharding.shards=8 (repeatable)",
+        help="override a config key, e.g. --set sharding.shards=8 (repeatable; with --resume only the runtime "
+        "keys: training.n_jobs, backend, scheduler, stack_threads, progress, memory_budget_mb)",
     )
     t.add_argument("--resume", action="store_true", help="finish an interrupted training of --run")
     t.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--delete-duplicates", action="store_true", help="delete such duplicates in the same request"
     )
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
+    _runtime_option(d)
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shard_option(rp, "repair")
     rp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
     rp.add_argument("--json", action="store_true")
+    _runtime_option(rp)
     # -- serving parsers: serve --
     sv = sub.add_parser("serve", help="serve predictions over HTTP; deletions applied live (strict mode)")
     sv.add_argument("--run", required=True)
@@ -123,9 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (else 413)"
     )
+    _runtime_option(sv)
     # -- audit parsers: audit, compare, report --
     _audit_parsers(sub)
     return p
+
+
+def _runtime_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="runtime",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="for this process only: training.n_jobs, backend, scheduler, stack_threads, progress, "
+        "memory_budget_mb or aggregation.inference (what does not change the models; repeatable)",
+    )
 
 
 def _shard_option(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -158,12 +174,10 @@ def _train(a: argparse.Namespace) -> int:
     if a.resume:
         from .rundir import RunDir
 
-        if a.config or a.overrides:
-            raise SisaError(
-                "train --resume continues the run's frozen config; drop the config file and --set"
-            )
+        if a.config:
+            raise SisaError("train --resume continues the run's frozen config; drop the config file")
         RunDir(a.run).require()
-        run, report = train(a.run, None, resume=True)  # type: ignore[arg-type]
+        run, report = train(a.run, None, resume=True, runtime=a.overrides)  # type: ignore[arg-type]
     else:
         if not a.config:
             raise SisaError("train: give a config file (or --resume for an existing run)")
@@ -228,7 +242,7 @@ def _delete(a: argparse.Namespace) -> int:
     ids = list(a.ids) + _read_ids(a.ids_file)
     subjects = list(a.subjects) + _read_ids(a.subjects_file)
     dupes = "delete" if a.delete_duplicates else "report" if a.check_duplicates else "ignore"
-    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes)
+    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime)
     if a.json:
         print(json.dumps(receipt, indent=1, default=str))
     elif receipt["status"] == "already_deleted":
@@ -364,7 +378,7 @@ def _history(a: argparse.Namespace) -> int:
 def _repair(a: argparse.Namespace) -> int:
     from .unlearning import repair
 
-    report = repair(a.run, a.shards or None, wait_s=a.wait)
+    report = repair(a.run, a.shards or None, wait_s=a.wait, runtime=a.runtime)
     if a.json:
         print(json.dumps(report, indent=1))
     elif report["checkpoints_rebuilt"] or report["deletions_replayed"]:
@@ -388,7 +402,7 @@ def _serve(a: argparse.Namespace) -> int:
 
     token = resolve_token(a.token_file)
     settings = ServerSettings(token=token, max_batch=a.max_batch, max_body_bytes=a.max_body_bytes)
-    return serve(a.run, host=a.host, port=a.port, settings=settings.validate())
+    return serve(a.run, host=a.host, port=a.port, settings=settings.validate(), runtime=a.runtime)
 
 
 # -- audit handlers --

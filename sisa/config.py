@@ -130,6 +130,24 @@ class Config:
     def with_overrides(self, overrides: list[str]) -> Config:
         return Config.from_dict(apply_overrides(self.to_dict(), overrides))
 
+    def with_runtime(self, overrides: list[str] | tuple[str, ...]) -> Config:
+        """An existing run's config with ``section.key=value`` overrides of keys that change how fast or where it
+        trains, never what (:data:`RUNTIME_KEYS`: outside the digest). Any other key is refused, all at once."""
+        problems = []
+        for item in overrides:
+            key = item.partition("=")[0].strip()
+            if key not in RUNTIME_KEYS:
+                problems.append(
+                    f"{key}: cannot be changed on an existing run (it shapes the trained models); "
+                    f"--set here takes only {', '.join(RUNTIME_KEYS)}"
+                )
+        if problems:
+            raise ConfigError(problems)
+        out = self.with_overrides(list(overrides))
+        if out.digest() != self.digest():  # RUNTIME_KEYS are outside the digest by construction
+            raise ConfigError([f"runtime overrides {list(overrides)} would change the run's config digest"])
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -227,6 +245,8 @@ _NON_RESULT_TRAINING_KEYS = (
     "memory_budget_mb",
     "stack_threads",  # exact (CPU) stacking: a shard's bits do not depend on which thread trains it
 )
+# What `--set` may change on an existing run (delete, repair, serve, train --resume): where and how fast, not what.
+RUNTIME_KEYS = (*(f"training.{k}" for k in _NON_RESULT_TRAINING_KEYS), "aggregation.inference")
 
 
 def _positive_int(p: list[str], name: str, v: Any) -> None:

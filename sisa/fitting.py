@@ -274,9 +274,15 @@ def train(
     resume: bool = False,
     placement: pd.DataFrame | None = None,
     wait_s: float = 0.0,
+    runtime: list[str] | tuple[str, ...] = (),
 ) -> tuple[RunDir, RefreshReport]:
-    """Train a SISA ensemble into ``root`` (or finish an interrupted training with ``resume``)."""
-    run = RunDir(root)
+    """Train a SISA ensemble into ``root`` (or finish an interrupted training with ``resume``, where ``runtime``
+    may override the run's runtime keys: :meth:`Config.with_runtime`)."""
+    if runtime and not resume:
+        raise ConfigError(
+            ["train: runtime overrides are for resuming a run; a new run takes them in its config"]
+        )
+    run = RunDir(root, runtime)
     if resume and not run.exists():
         raise RunStateError(
             f"{root} holds no run to resume (no config.yaml); start one with `sisa train CONFIG`"

@@ -37,10 +37,14 @@ META_COLUMNS = ["_record_id", "_label", "_slice", "_order"]
 
 
 class RunDir:
-    """Typed access to one run directory. Holds paths and the frozen config; no training logic."""
+    """Typed access to one run directory. Holds paths and the frozen config; no training logic.
 
-    def __init__(self, root: str | Path):
+    ``runtime``: ``section.key=value`` overrides of this process's runtime keys (:meth:`Config.with_runtime`:
+    workers, cluster, lanes, progress), applied whenever the config is read; the frozen file is never changed."""
+
+    def __init__(self, root: str | Path, runtime: list[str] | tuple[str, ...] = ()):
         self.root = Path(root)
+        self.runtime = tuple(runtime)
 
     # ---- paths ------------------------------------------------------------------------------------------------
     config_path = property(lambda self: self.root / "config.yaml")
@@ -86,7 +90,8 @@ class RunDir:
 
     def config(self) -> Config:
         self.require()
-        return Config.from_dict(_read_yaml(self.config_path))
+        config = Config.from_dict(_read_yaml(self.config_path))
+        return config.with_runtime(self.runtime) if self.runtime else config
 
     def secret(self) -> bytes:
         data = self.secret_path.read_bytes()

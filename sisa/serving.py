@@ -118,8 +118,15 @@ class Snapshot:
 class ServingState:
     """The run directory as the server sees it: the current snapshot, the model cache, acknowledged deletions."""
 
-    def __init__(self, root: str | Path, settings: ServerSettings | None = None):
-        self.run = RunDir(root)
+    def __init__(
+        self,
+        root: str | Path,
+        settings: ServerSettings | None = None,
+        runtime: list[str] | tuple[str, ...] = (),
+    ):
+        self.run = RunDir(
+            root, runtime
+        )  # runtime: the retrains' workers, cluster, lanes (Config.with_runtime)
         self.run.require_manifest()
         self.settings = (settings or ServerSettings()).validate()
         self.config = self.run.config()
@@ -351,6 +358,7 @@ class DeletionWorker:
                 wait_s=state.settings.delete_wait_s,
                 on_ack=on_ack,
                 request_id=job.request_id,
+                runtime=state.run.runtime,
             )
         except Exception as exc:
             if job.entry is None:

@@ -296,13 +296,14 @@ def serve(
     port: int = 8000,
     settings: ServerSettings | None = None,
     log_level: str = "warning",
+    runtime: list[str] | tuple[str, ...] = (),
 ) -> int:
     """Run the server until interrupted. Binds the socket first so that ``--port 0`` reports the real port."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise ConfigError([f"serve --port: expected 0..65535, got {port}"])
-    state = ServingState(root, settings)
+    state = ServingState(root, settings, runtime)
     app = create_app(state)
     # Every retrain sets torch's (process-wide) thread count to training.threads; set it from the start so that
     # serving behaves the same before and after the first deletion. Parallelism comes from lanes instead.

@@ -45,17 +45,19 @@ def delete(
     on_ack: Callable[[dict], None] | None = None,
     request_id: str | None = None,
     duplicates: str = "ignore",
+    runtime: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Delete records (by ID) and/or every row of some data subjects; return the receipt.
 
     Raises :class:`UnknownRecordError` (nothing changed) when any ID is neither active nor already deleted.
     ``on_ack`` is called right after the request is journaled (the server uses it to stop the shards serving).
     ``duplicates``: ``"report"`` lists other active records with identical features and label in the returned
-    receipt (never on disk); ``"delete"`` deletes them in the same request.
+    receipt (never on disk); ``"delete"`` deletes them in the same request. ``runtime``: overrides of the run's
+    runtime keys for this retrain (workers, cluster, lanes; :meth:`Config.with_runtime`).
     """
     if duplicates not in ("ignore", "report", "delete"):
         raise ConfigError([f"delete: duplicates must be ignore, report or delete, got {duplicates!r}"])
-    run = RunDir(root)
+    run = RunDir(root, runtime)
     run.require_manifest()
     record_ids, subject_ids = _unique(record_ids), _unique(subject_ids)
     if not record_ids and not subject_ids:
@@ -260,7 +262,13 @@ def _replay(run: RunDir, journal: Journal) -> list[dict]:
     return receipts
 
 
-def repair(root: str | Path, shards: list[int] | None = None, *, wait_s: float = 0.0) -> dict:
+def repair(
+    root: str | Path,
+    shards: list[int] | None = None,
+    *,
+    wait_s: float = 0.0,
+    runtime: list[str] | tuple[str, ...] = (),
+) -> dict:
     """Rebuild what the run can rebuild from itself: every corrupted, truncated or missing checkpoint.
 
     Data files (index, tombstones, shard data) are checked first: a bad one cannot be rebuilt from the run alone
@@ -268,7 +276,7 @@ def repair(root: str | Path, shards: list[int] | None = None, *, wait_s: float =
     a bad one is deleted and :func:`refresh` retrains its shard from the last valid slice, bit-identical to the
     original on the same device. Pending deletions are replayed too.
     """
-    run = RunDir(root)
+    run = RunDir(root, runtime)
     run.require_manifest()
     t0 = time.perf_counter()
     with writer_lock(run.root, wait_s, "repair"):

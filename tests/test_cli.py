@@ -240,8 +240,6 @@ def test_resume_errors(project, capsys):
         code, err, 1, f"{tmp / 'none'} is not a sisa run (no config.yaml); create one with `sisa train`"
     )
     code, _, err = run_cli(capsys, "train", tmp / "cfg.yaml", "--run", tmp / "none", "--resume")
-    one_line_error(
-        code, err, 1, "train --resume continues the run's frozen config; drop the config file and --set"
-    )
+    one_line_error(code, err, 1, "train --resume continues the run's frozen config; drop the config file")
     code, _, err = run_cli(capsys, "train", "--run", tmp / "none")
     one_line_error(code, err, 1, "train: give a config file (or --resume for an existing run)")
