@@ -41,6 +41,7 @@ from .unlearning import delete, recover
 
 log = logging.getLogger("sisa.serving")
 RACY_NS = 50_000_000  # a file time this close to "now" may hide a second change in the same clock tick
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # replaying an accepted deletion whose retrain failed: first wait, cap
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 __all__ = ["DeletionJob", "DeletionWorker", "Lanes", "ServingState", "Snapshot"]
@@ -124,9 +125,8 @@ class ServingState:
         settings: ServerSettings | None = None,
         runtime: list[str] | tuple[str, ...] = (),
     ):
-        self.run = RunDir(
-            root, runtime
-        )  # runtime: the retrains' workers, cluster, lanes (Config.with_runtime)
+        # runtime: the retrains' workers, cluster, lanes (Config.with_runtime)
+        self.run = RunDir(root, runtime)
         self.run.require_manifest()
         self.settings = (settings or ServerSettings()).validate()
         self.config = self.run.config()
@@ -288,13 +288,19 @@ class DeletionJob:
 
 
 class DeletionWorker:
-    """ONE thread that applies deletions in arrival order (the run has one writer; order is the contract)."""
+    """ONE thread that applies deletions in arrival order (the run has one writer; order is the contract).
+
+    An accepted deletion whose retrain fails (a full disk, an unreachable cluster) stays journaled and its shards
+    stay out; the worker replays it after RETRY_FIRST_S, doubling the wait up to RETRY_MAX_S while it keeps
+    failing, so the shards come back without a restart or another deletion."""
 
     def __init__(self, state: ServingState):
         self.state = state
         self._queue: queue.Queue[DeletionJob | None] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._retry_at: float | None = None  # monotonic time of the next replay of failed deletions
+        self._retry_delay = RETRY_FIRST_S
 
     def start(self) -> None:
         with self._lock:
@@ -329,7 +335,15 @@ class DeletionWorker:
 
     def _loop(self) -> None:
         _warm_up()
-        while (job := self._queue.get()) is not None:
+        while True:
+            wait = None if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
+            try:
+                job = self._queue.get(timeout=wait)
+            except queue.Empty:
+                self._retry()
+                continue
+            if job is None:
+                return
             with self._lock:
                 if job.cancelled:
                     continue
@@ -366,12 +380,43 @@ class DeletionWorker:
                 return
             state.errors[job.request_id] = f"{type(exc).__name__}: {exc}"
             log.exception("deletion %s accepted but not applied yet; its shards stay out", job.request_id)
+            self._schedule_retry()
             return
         if job.entry is None:
             job.result = receipt
         else:
             state.errors.pop(job.request_id, None)
             state.applied(job.request_id)
+        self._settle()  # a deletion replays every earlier pending one first
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
+
+    def _retry(self) -> None:
+        """Replay the deletions that were accepted but failed; back off while it keeps failing."""
+        try:
+            recover(self.state.run)
+        except Exception as exc:
+            for request_id in self.state.errors:
+                self.state.errors[request_id] = f"{type(exc).__name__}: {exc} (retrying)"
+            log.warning(
+                "replaying failed deletions failed again (next try in %.0f s): %s", self._retry_delay, exc
+            )
+        self._retry_at = None
+        if not self._settle():
+            self._schedule_retry()
+
+    def _settle(self) -> bool:
+        """Forget the errors of requests the journal shows applied; True when none is left pending."""
+        state = self.state
+        pending = {e["request_id"] for e in state.journal.pending()}
+        for request_id in [r for r in state.errors if r not in pending]:
+            del state.errors[request_id]
+            state.applied(request_id)
+        if not pending:
+            self._retry_at, self._retry_delay = None, RETRY_FIRST_S
+        return not pending
 
 
 def _warm_up() -> None:

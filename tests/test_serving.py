@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sisa import unlearning
+from sisa import serving, unlearning
 from sisa.cli import main
 from sisa.datasets import make_subjects, make_tabular
 from sisa.estimator import SisaClassifier
@@ -23,7 +23,7 @@ from sisa.serving_app import create_app, listen_socket, resolve_token
 from sisa.serving_schema import ServerSettings
 from sisa.storage import writer_lock
 
-from .conftest import small_config, train_run
+from .conftest import assert_runs_identical, small_config, train_run
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's TestClient warns about httpx vs httpx2
@@ -314,6 +314,44 @@ def test_accepted_deletion_excludes_its_shards_until_retrained(client, run_dir, 
     }
     st = client.get("/status").json()
     assert (st["records_active"], st["records_deleted"], st["shards_retraining"]) == (598, 2, [])
+
+
+def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pristine, data, monkeypatch):
+    """A disk error after the acknowledgement: the shard stays out and the error is shown; the worker replays the
+    deletion by itself (twice failing, then applied), with no restart and no further deletion."""
+    monkeypatch.setattr(serving, "RETRY_FIRST_S", 0.05)
+    real, calls = unlearning.apply_entry, []
+
+    def flaky(*args, **kw):
+        calls.append(time.monotonic())
+        if len(calls) <= 3:  # the request's own retrain and the first two replays
+            raise OSError(28, "No space left on device")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(unlearning, "apply_entry", flaky)
+    victim = _ids_in_shards(run_dir, [2])
+    with TestClient(create_app(run_dir, ServerSettings(token=TOKEN))) as client:
+        r = client.post("/deletions", json={"record_ids": victim}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        request_id = r.json()["request_id"]
+        body = client.get(f"/deletions/{request_id}", headers=AUTH).json()
+        assert body["status"] == "pending" and "No space left on device" in body["error"]
+        assert client.get("/status").json()["shards_retraining"] == [2]
+        done = _wait_applied(client, request_id)
+        assert "error" not in done and done["receipt"]["records_deleted"] == 1
+        st = client.get("/status").json()
+        assert (st["shards_retraining"], st["shards_serving"], st["deletions_pending"]) == (
+            [],
+            [0, 1, 2, 3],
+            0,
+        )
+    assert len(calls) == 4
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert gaps[2] >= 0.2 - 0.01 and gaps[1] >= 0.1 - 0.01  # waits double: 0.05, 0.1, 0.2
+    reference = RunDir(shutil.copytree(pristine, run_dir.parent / "reference"))
+    monkeypatch.setattr(unlearning, "apply_entry", real)
+    unlearning.delete(reference.root, victim)
+    assert_runs_identical(RunDir(run_dir), reference)
 
 
 def test_every_shard_retraining_answers_503(client, run_dir, held_retrain):
