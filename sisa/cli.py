@@ -12,9 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli_audit import HANDLERS as AUDIT_HANDLERS
+from .cli_audit import add_parsers as add_audit_parsers
 from .exceptions import SisaError
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = dict(AUDIT_HANDLERS)
 
 
 def command(name: str):
@@ -127,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (else 413)"
     )
     _runtime_option(sv)
-    # -- audit parsers: audit, compare, report --
-    _audit_parsers(sub)
+    add_audit_parsers(sub)  # audit, compare, report
     return p
 
 
@@ -403,73 +404,6 @@ def _serve(a: argparse.Namespace) -> int:
     token = resolve_token(a.token_file)
     settings = ServerSettings(token=token, max_batch=a.max_batch, max_body_bytes=a.max_body_bytes)
     return serve(a.run, host=a.host, port=a.port, settings=settings.validate(), runtime=a.runtime)
-
-
-# -- audit handlers --
-
-
-def _audit_parsers(sub) -> None:
-    au = sub.add_parser("audit", help="membership-inference audit: deleted records vs never-seen ones")
-    au.add_argument("--run", required=True)
-    au.add_argument("--holdout", help="table of never-seen records (default: the config's data.test)")
-    au.add_argument("--deleted", help="the deleted records' rows (kept by the requester; never stored)")
-    au.add_argument("--no-reference", action="store_true", help="skip the retrained-from-scratch reference")
-    au.add_argument("--max-records", type=int, default=5000, help="sample each group down to this many rows")
-    au.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for TPR intervals")
-    au.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap")
-    au.add_argument("--out", help="also write the JSON result to this file (outside the run directory)")
-    au.add_argument("--json", action="store_true", help="print the full result as JSON")
-    co = sub.add_parser("compare", help="exact (retrain, SISA) vs APPROXIMATE unlearning on forget requests")
-    co.add_argument("--config", required=True, help="YAML config with data.train and data.test")
-    co.add_argument("--forget", action="append", default=[], metavar="random:N|class:L", help="repeatable")
-    co.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    co.add_argument("--methods", nargs="+", help="approximate baselines to run (default: all)")
-    co.add_argument("--seed", type=int, default=0, help="seed of the random forget sets and the baselines")
-    co.add_argument("--out", help="folder for compare.json and compare.md")
-    co.add_argument("--json", action="store_true")
-    rp = sub.add_parser("report", help="HTML report: shard accuracy, deletion cost, MIA ROC curves")
-    rp.add_argument("--run", required=True)
-    rp.add_argument("--out", required=True, help="a .html file, or a folder (gets report.html and the PNGs)")
-    rp.add_argument("--deleted", help="table of the deleted records' rows, for the deleted-vs-unseen audit")
-    rp.add_argument("--holdout", help="table of never-seen records (default: the config's data.test)")
-    rp.add_argument("--no-reference", action="store_true", help="skip the retrained-from-scratch reference")
-
-
-@command("audit")
-def _audit(a: argparse.Namespace) -> int:
-    from .audit import check_outside_run, describe, run_audit
-
-    if a.out and a.deleted:
-        check_outside_run(a.run, a.out)
-    result = run_audit(
-        a.run, a.holdout, a.deleted, reference=not a.no_reference, max_records=a.max_records,
-        bootstrap=a.bootstrap, seed=a.seed,
-    )  # fmt: skip
-    if a.out:
-        Path(a.out).write_text(json.dumps(result.summary, indent=1) + "\n")
-    print(json.dumps(result.summary, indent=1) if a.json else describe(result.summary))
-    return 0
-
-
-@command("compare")
-def _compare(a: argparse.Namespace) -> int:
-    from .comparison import compare, markdown, write_outputs
-    from .config import Config
-
-    result = compare(Config.load(a.config, a.overrides), a.forget, methods=a.methods, seed=a.seed)
-    if a.out:
-        write_outputs(result, a.out)
-    print(json.dumps(result, indent=1) if a.json else markdown(result))
-    return 0
-
-
-@command("report")
-def _report(a: argparse.Namespace) -> int:
-    from .report import build_report
-
-    path = build_report(a.run, a.out, deleted=a.deleted, holdout=a.holdout, reference=not a.no_reference)
-    print(f"wrote {path}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

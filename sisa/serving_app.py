@@ -24,7 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .exceptions import ConfigError, DataError, RunLockedError, UnknownRecordError
-from .serving import DeletionJob, ServingState
+from .serving import ServingState
 from .serving_schema import (
     ApiError,
     ServerSettings,
@@ -33,6 +33,7 @@ from .serving_schema import (
     request_models,
     validation_problems,
 )
+from .serving_worker import DeletionJob
 
 DESCRIPTION = (
     "Aggregated SISA predictions with strict forgetting: once a deletion is accepted (202), no answer is "

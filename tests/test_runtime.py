@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from sisa import serving
+from sisa import serving_worker
 from sisa.config import RUNTIME_KEYS
 from sisa.datasets import make_tabular
 from sisa.exceptions import ConfigError
@@ -97,12 +97,12 @@ def test_repair_and_resume_take_runtime_keys(base, capsys):
 
 def test_the_server_retrains_with_its_runtime_keys(base, monkeypatch):
     seen = []
-    real = serving.delete
-    monkeypatch.setattr(serving, "delete", lambda *a, **k: seen.append(k["runtime"]) or real(*a, **k))
+    real = serving_worker.delete
+    monkeypatch.setattr(serving_worker, "delete", lambda *a, **k: seen.append(k["runtime"]) or real(*a, **k))
     state = ServingState(base.root, runtime=["training.stack_threads=1"])
     try:
         assert state.config.training.stack_threads == 1
-        job = serving.DeletionJob(["3"], [])
+        job = serving_worker.DeletionJob(["3"], [])
         state.worker.submit(job)
         assert job.decided.wait(60) and job.error is None
     finally:

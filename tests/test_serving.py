@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sisa import serving, unlearning
+from sisa import serving_worker, unlearning
 from sisa.cli import main
 from sisa.datasets import make_subjects, make_tabular
 from sisa.estimator import SisaClassifier
@@ -319,7 +319,7 @@ def test_accepted_deletion_excludes_its_shards_until_retrained(client, run_dir, 
 def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pristine, data, monkeypatch):
     """A disk error after the acknowledgement: the shard stays out and the error is shown; the worker replays the
     deletion by itself (twice failing, then applied), with no restart and no further deletion."""
-    monkeypatch.setattr(serving, "RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr(serving_worker, "RETRY_FIRST_S", 0.05)
     real, calls = unlearning.apply_entry, []
 
     def flaky(*args, **kw):
