@@ -240,6 +240,7 @@ async def submit_deletion(state: ServingState, record_ids: list, subject_ids: li
             "status": "pending",
             "shards": shards,
             "records": job.entry["records"],
+            "already_deleted": job.entry.get("already_deleted", []),
         }
     if job.result is not None:
         return 200, {

@@ -101,8 +101,8 @@ def delete(
                 }
             },
         )
-        if on_ack:
-            on_ack(entry)
+        if on_ack:  # with the caller's own already-deleted IDs, which the journal never stores
+            on_ack({**entry, "already_deleted": already})
         receipt = apply_entry(run, entry, index, positions)
         receipt["already_deleted"] = already
         if duplicates != "ignore":  # returned to the caller only: the stored receipt never names record IDs

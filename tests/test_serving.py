@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,6 +315,22 @@ def test_accepted_deletion_excludes_its_shards_until_retrained(client, run_dir, 
     }
     st = client.get("/status").json()
     assert (st["records_active"], st["records_deleted"], st["shards_retraining"]) == (598, 2, [])
+
+
+def test_a_202_names_the_ids_of_the_request_that_were_already_deleted(client, run_dir):
+    first, second = _ids_in_shards(run_dir, [0, 2])
+    r = client.post("/deletions", json={"record_ids": [first]}, headers=AUTH)
+    assert r.status_code == 202 and r.json()["already_deleted"] == []
+    _wait_applied(client, r.json()["request_id"])
+    r = client.post("/deletions", json={"record_ids": [first, second]}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["already_deleted"], body["records"], body["shards"]) == ([first], 1, [2])
+    done = _wait_applied(client, body["request_id"])
+    assert "already_deleted" not in Journal(Path(run_dir, "journal")).get(
+        body["request_id"]
+    )  # IDs never stored
+    assert done["receipt"]["records_deleted"] == 1
 
 
 def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pristine, data, monkeypatch):
