@@ -152,10 +152,10 @@ class GroupTrainer:
         rows = [self._rows(lane, batch[i]) for i, lane in zip(members, lanes, strict=True)]
         if all(lane.X is lanes[0].X for lane in lanes):  # one array for the group (GPU): one gather
             flat = torch.cat(rows)
-            x, y = lanes[0].X[flat], lanes[0].y[flat]
+            x, y = lanes[0].X.index_select(0, flat), lanes[0].y.index_select(0, flat)
         else:
-            x = torch.cat([lane.X[r] for lane, r in zip(lanes, rows, strict=True)])
-            y = torch.cat([lane.y[r] for lane, r in zip(lanes, rows, strict=True)])
+            x = torch.cat([lane.X.index_select(0, r) for lane, r in zip(lanes, rows, strict=True)])
+            y = torch.cat([lane.y.index_select(0, r) for lane, r in zip(lanes, rows, strict=True)])
         return x.reshape(len(members), -1, x.shape[-1]), y.reshape(len(members), -1)
 
     def _step_exact(self, batch: dict[int, Batch]) -> None:
@@ -167,8 +167,8 @@ class GroupTrainer:
             lane = self.lanes[i]
             rows = self._rows(lane, b)
             with self._rng(lane):
-                logits = self.runner.forward(i, lane.X[rows])
-            losses.append(batch_loss(logits, lane.y[rows]))
+                logits = self.runner.forward(i, lane.X.index_select(0, rows))
+            losses.append(batch_loss(logits, lane.y.index_select(0, rows)))
         torch.autograd.backward(losses)
 
     def _step_batched(self, batch: dict[int, Batch]) -> None:

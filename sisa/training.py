@@ -187,7 +187,8 @@ def train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str =
             idx = event.rows.to(spec.device)
             for p in model.parameters():
                 p.grad = None
-            batch_loss(model(X[idx]), y[idx]).backward()
+            # index_select, not X[idx]: 4x faster for a row gather, and it releases the GIL (lanes, servers)
+            batch_loss(model(X.index_select(0, idx)), y.index_select(0, idx)).backward()
             opt.step()
             result.optimizer_steps += 1
         else:
