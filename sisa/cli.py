@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--data", help="with --erasure: the original rows (table); their feature rows are searched too"
     )
+    v.add_argument(
+        "--subjects-file", help="with --erasure: forgotten data-subject IDs (one per line) to search for"
+    )
     v.add_argument("--workdir", help="folder for the scratch retrain (default: the system temp folder)")
     v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
     v.add_argument("--json", action="store_true")
@@ -311,8 +314,8 @@ def _verify(a: argparse.Namespace) -> int:
 
     if a.erasure:
         return _verify_erasure(a)
-    if a.ids_file or a.data:
-        raise SisaError("verify: --ids-file and --data belong to --erasure")
+    if a.ids_file or a.data or a.subjects_file:
+        raise SisaError("verify: --ids-file, --subjects-file and --data belong to --erasure")
     certs = verification.verify(a.run, a.shards or None, wait_s=a.wait, workdir=a.workdir)
     if a.json:
         print(json.dumps([c.to_dict() for c in certs], indent=1))
@@ -349,7 +352,8 @@ def _verify_erasure(a: argparse.Namespace) -> int:
     from .erasure import check_erasure
 
     ids = _read_ids(a.ids_file) if a.ids_file else None
-    report = check_erasure(a.run, ids, a.data, wait_s=a.wait)
+    subjects = _read_ids(a.subjects_file) if a.subjects_file else None
+    report = check_erasure(a.run, ids, a.data, subjects=subjects, wait_s=a.wait)
     if a.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from .checkpoints import checkpoint_name, is_complete, read_meta
 from .config import Config
-from .exceptions import DataError
+from .exceptions import ConfigError, DataError
 from .index import keyed_id_hashes
 from .journal import Journal
 from .rundir import RunDir, shard_data
@@ -63,6 +63,7 @@ def check_erasure(
     ids: list | None = None,
     data: str | Path | pd.DataFrame | None = None,
     *,
+    subjects: list | None = None,
     wait_s: float = 0.0,
 ) -> ErasureReport:
     """Check that nothing of deleted records survives in the run directory (see the module docstring).
@@ -70,6 +71,8 @@ def check_erasure(
     ``ids``: deleted record IDs supplied by the auditor; every file is searched for them. ``data``: the original
     rows (a table path or DataFrame with the ID column and features); their float32 feature rows are searched
     for too. With ``data`` but no ``ids``, the IDs are those rows whose keyed hash the run has tombstoned.
+    ``subjects``: forgotten data-subject IDs (runs with ``data.subject_column``): none may have an active row, and
+    every file is searched for them.
     """
     run = RunDir(root)
     run.require_manifest()
@@ -90,6 +93,8 @@ def check_erasure(
             rows = _feature_rows(table, ids)
         if ids is not None:
             checks += _search_ids(run, index, secret, ids)
+        if subjects is not None:
+            checks += _search_subjects(run, index, subjects)
         if rows is not None:
             checks.append(_search_rows(run, config, frames, rows, ids or []))
         return ErasureReport(str(run.root), checks, len(ids or []))
@@ -217,6 +222,25 @@ def _search_ids(run: RunDir, index, secret: bytes, ids: list) -> list[Check]:
     hashes = keyed_id_hashes(ids, secret, "record")
     active = set(index.active["record_id"].astype(str))
     not_deleted = [i for i, h in zip(ids, hashes, strict=True) if h not in tomb or str(i) in active]
+    done = f"all {len(ids)} ID(s) tombstoned, none active"
+    return _id_checks(run, "ids", ids, not_deleted, done, ("record_id", "_record_id"))
+
+
+def _search_subjects(run: RunDir, index, subjects: list) -> list[Check]:
+    """Per subject: no active row left (whether it was forgotten by subject or row by row); then every file."""
+    if not index.has_subjects:
+        raise ConfigError(["verify --erasure --subjects-file: this run has no data.subject_column"])
+    active = set(index.active["subject_id"].astype(str))
+    not_deleted = [s for s in subjects if str(s) in active]
+    done = f"none of the {len(subjects)} subject(s) has an active row"
+    return _id_checks(run, "subjects", subjects, not_deleted, done, ("subject_id",))
+
+
+def _id_checks(
+    run: RunDir, what: str, ids: list, not_deleted: list, done: str, id_columns: tuple[str, ...]
+) -> list[Check]:
+    """ "<what> deleted" and "<what> in files": every file of the run searched for the IDs, as raw bytes when long
+    enough to mean something, and as values in Parquet ID columns and JSON strings."""
     texts = {str(i) for i in ids}
     raw = [t.encode() for t in texts if len(t) >= MIN_RAW_ID_LENGTH]
     hits = []
@@ -225,28 +249,24 @@ def _search_ids(run: RunDir, index, secret: bytes, ids: list) -> list[Check]:
         blob = path.read_bytes()
         if any(r in blob for r in raw):
             hits.append(f"{rel} (raw bytes)")
-        elif path.suffix == ".parquet" and texts & _parquet_id_values(path):
+        elif path.suffix == ".parquet" and texts & _parquet_id_values(path, id_columns):
             hits.append(f"{rel} (ID column)")
         elif path.suffix == ".json" and texts & _json_strings(blob):
             hits.append(f"{rel} (JSON value)")
     searched = f"({len(raw)} searched as raw bytes, all as values)"
     return [
+        _check(f"{what} deleted", [f"not deleted: {not_deleted[:20]}"] if not_deleted else [], done),
         _check(
-            "ids deleted",
-            [f"not deleted: {not_deleted[:20]}"] if not_deleted else [],
-            f"all {len(ids)} ID(s) tombstoned, none active",
-        ),
-        _check(
-            "ids in files",
+            f"{what} in files",
             [f"found in {hits}"] if hits else [],
             f"no file holds any of the {len(ids)} ID(s) {searched}",
         ),
     ]
 
 
-def _parquet_id_values(path: Path) -> set[str]:
+def _parquet_id_values(path: Path, columns: tuple[str, ...]) -> set[str]:
     frame = read_parquet(path)
-    return {str(v) for c in ("record_id", "_record_id") if c in frame for v in frame[c].dropna().tolist()}
+    return {str(v) for c in columns if c in frame for v in frame[c].dropna().tolist()}
 
 
 def _json_strings(blob: bytes) -> set[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from sisa.cli import main
 from sisa.datasets import make_subjects, make_tabular
+from sisa.erasure import check_erasure
 from sisa.estimator import run_status
 from sisa.exceptions import ConfigError, UnknownRecordError
 from sisa.unlearning import delete
@@ -98,6 +99,36 @@ def test_subject_ids_are_erased_from_disk(tmp_path, people):
     assert victim.encode() in _all_bytes(run.root)
     delete(run.root, subject_ids=[victim])
     assert victim.encode() not in _all_bytes(run.root)
+
+
+def test_verify_erasure_checks_forgotten_subjects(tmp_path, people, capsys):
+    run = train_run(tmp_path / "r", people, small_config(**SUBJECT_CFG))
+    victim, kept = "person-00005", "person-00006"
+    delete(run.root, subject_ids=[victim])
+    report = check_erasure(run.root, subjects=[victim])
+    assert report.ok, report.checks
+    assert [c.name for c in report.checks][-2:] == ["subjects deleted", "subjects in files"]
+    still = check_erasure(run.root, subjects=[victim, kept])  # a subject with active rows is reported
+    assert not still.ok
+    (failed,) = [c for c in still.checks if not c.ok and c.name == "subjects deleted"]
+    assert failed.detail == f"not deleted: ['{kept}']"
+    assert "found in" in next(c.detail for c in still.checks if c.name == "subjects in files")
+    subjects_file = tmp_path / "subjects.txt"
+    subjects_file.write_text(victim + "\n")
+    argv = ["verify", "--erasure", "--run", str(run.root), "--subjects-file", str(subjects_file)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "ok   subjects deleted: none of the 1 subject(s) has an active row" in out
+    assert (
+        "ok   subjects in files: no file holds any of the 1 ID(s) (1 searched as raw bytes, all as values)"
+        in out
+    )
+
+
+def test_subject_erasure_check_needs_a_subject_column(tmp_path, tabular):
+    run = train_run(tmp_path / "r", tabular, small_config())
+    with pytest.raises(ConfigError, match="--subjects-file: this run has no data.subject_column"):
+        check_erasure(run.root, subjects=["x"])
 
 
 def test_delete_by_subject_needs_a_subject_column(tmp_path, tabular):
