@@ -11,6 +11,7 @@ own kernels on its slice, ``batched`` runs full-width calls, one per batch size 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 
@@ -63,6 +64,10 @@ def group_arrays(shards: list[ShardData], device: str) -> list[tuple[torch.Tenso
     return [(X, y, int(offsets[n])) for n in range(len(shards))]
 
 
+class LaneStopped(Exception):
+    """A lane ended early because training as a whole is ending (its checkpoints so far stay valid)."""
+
+
 class Lane:
     """One shard's progress through its schedule inside a group, and where its rows are."""
 
@@ -95,8 +100,16 @@ class Lane:
 class GroupTrainer:
     """The shards of one group, stacked, trained in lockstep to the end of their schedules."""
 
-    def __init__(self, spec: TrainSpec, slots: list[ShardJob | None], data: dict[int, ShardData], mode: str):
+    def __init__(
+        self,
+        spec: TrainSpec,
+        slots: list[ShardJob | None],
+        data: dict[int, ShardData],
+        mode: str,
+        stop: threading.Event | None = None,
+    ):
         self.spec, self.mode, self.device = spec, mode, spec.device
+        self.stop = stop  # set when another lane failed or the caller was interrupted: end at the next step
         cfg = spec.config
         template = build_model(cfg.model, spec.n_features, spec.n_classes, 0)
         states, opt_states = [], {}
@@ -122,6 +135,8 @@ class GroupTrainer:
         t0 = time.perf_counter()
         self.stack.template.train()
         while True:
+            if self.stop is not None and self.stop.is_set():
+                raise LaneStopped("stopped: another lane failed or training was interrupted")
             batch = {}
             for i, lane in self.lanes.items():
                 b = lane.next_batch(self._reseed, self._checkpoint)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from .config import Config
 from .exceptions import ConfigError
 from .executors import work_units
-from .lockstep import GroupTrainer
+from .lockstep import GroupTrainer, LaneStopped
 from .models import build_model
 from .optim import Optimizer
 from .stacked_models import ShardStack, SliceRunner, batched_forward, module_tensors, stacked_loss
@@ -222,13 +223,30 @@ def train_stacked(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardDa
         if lanes == 1:
             results = _train_groups(spec, jobs, data, width, mode)
         else:
-            units = work_units(spec, jobs, data, "stacked", lanes)  # balanced by rows to train
-            results = {}
-            with ThreadPoolExecutor(len(units), thread_name_prefix="sisa-stack") as pool:
-                futures = [pool.submit(_lane, spec, unit, data, width, mode) for unit in units]
-                for future in futures:  # the first error is raised once every lane has stopped
-                    results.update(future.result())
+            results = _train_lanes(spec, work_units(spec, jobs, data, "stacked", lanes), data, width, mode)
     return [results[j.shard] for j in jobs]
+
+
+def _train_lanes(
+    spec: TrainSpec, units: list[list[ShardJob]], data: dict[int, ShardData], width: int, mode: str
+) -> dict[int, ShardResult]:
+    """One thread per unit. When a lane fails, or the caller is interrupted (Ctrl-C), the other lanes stop at their
+    next step; the first error is raised once every lane has ended (checkpoints written so far stay valid)."""
+    stop, results = threading.Event(), {}
+    with ThreadPoolExecutor(len(units), thread_name_prefix="sisa-stack") as pool:
+        futures = [pool.submit(_lane, spec, unit, data, width, mode, stop) for unit in units]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            if not all(f.done() and f.exception() is None for f in futures):
+                stop.set()
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        first = next((e for e in errors if not isinstance(e, LaneStopped)), errors[0] if errors else None)
+        if first is not None:
+            raise first
+        for future in futures:
+            results.update(future.result())
+    return results
 
 
 def stack_lanes(config: Config, mode: str, n_jobs: int) -> int:
@@ -251,19 +269,29 @@ def available_cores() -> int:
 
 
 def _lane(
-    spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], width: int, mode: str
+    spec: TrainSpec,
+    jobs: list[ShardJob],
+    data: dict[int, ShardData],
+    width: int,
+    mode: str,
+    stop: threading.Event | None = None,
 ) -> dict[int, ShardResult]:
     # OpenMP keeps its thread count per thread: set this lane's, so its kernels run as the loop's do
     torch.set_num_threads(spec.config.training.threads)
-    return _train_groups(spec, jobs, data, width, mode)
+    return _train_groups(spec, jobs, data, width, mode, stop)
 
 
 def _train_groups(
-    spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], width: int, mode: str
+    spec: TrainSpec,
+    jobs: list[ShardJob],
+    data: dict[int, ShardData],
+    width: int,
+    mode: str,
+    stop: threading.Event | None = None,
 ) -> dict[int, ShardResult]:
     results: dict[int, ShardResult] = {}
     for slots in plan_groups(jobs, width, mode, spec.config.sharding.shards):
-        results.update(GroupTrainer(spec, slots, data, mode).run())
+        results.update(GroupTrainer(spec, slots, data, mode, stop).run())
     return results
 
 

@@ -64,29 +64,67 @@ def test_one_lane_trains_in_the_calling_thread(tmp_path, monkeypatch):
     assert set(names) == {threading.current_thread().name}
 
 
-def test_an_error_in_one_lane_is_raised_after_every_lane_stopped(tmp_path, monkeypatch):
+def _lane_setup(tmp_path, monkeypatch, fail_shard: int | None):
+    """A 4-shard run's jobs in 2 lanes whose steps are slowed down; records how each lane's group ended."""
     df = make_tabular(400, seed=3, n_features=5, n_classes=3)
-    cfg = lane_config(stack_threads=2, stack_size=2)
+    cfg = lane_config(stack_threads=2, stack_size=2, epochs=20)
     run = create_run(tmp_path / "run", cfg, validate_table(df, cfg.data, "test data"))
     config = run.config()
     jobs, data, _ = plan(run, config, [0, 1, 2, 3])
-    finished = []
-    real_run = lockstep.GroupTrainer.run
+    ended: dict[tuple, str] = {}
+    real_run, real_step = lockstep.GroupTrainer.run, lockstep.GroupTrainer._step_exact
 
-    def failing_run(self):
-        shards = sorted(lane.job.shard for lane in self.lanes.values())
-        if 0 in shards:
-            raise RuntimeError("lane with shard 0 failed")
-        time.sleep(0.2)
-        out = real_run(self)
-        finished.append(shards)
+    def slow_step(self, batch):
+        time.sleep(0.005)
+        return real_step(self, batch)
+
+    def watched_run(self):
+        shards = tuple(sorted(lane.job.shard for lane in self.lanes.values()))
+        try:
+            if fail_shard in shards:
+                time.sleep(0.1)
+                raise RuntimeError(f"lane with shard {fail_shard} failed")
+            out = real_run(self)
+        except BaseException as exc:
+            ended[shards] = type(exc).__name__
+            raise
+        ended[shards] = "finished"
         return out
 
-    monkeypatch.setattr(lockstep.GroupTrainer, "run", failing_run)
+    monkeypatch.setattr(lockstep.GroupTrainer, "_step_exact", slow_step)
+    monkeypatch.setattr(lockstep.GroupTrainer, "run", watched_run)
     monkeypatch.setattr(stacking, "available_cores", lambda: 2)
+    return train_spec(run, config), jobs, data, ended
+
+
+def _lane_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("sisa-stack")]
+
+
+def test_a_failing_lane_stops_the_others_and_its_error_is_raised_once_all_ended(tmp_path, monkeypatch):
+    spec, jobs, data, ended = _lane_setup(tmp_path, monkeypatch, fail_shard=0)
+    t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="lane with shard 0 failed"):
-        train_stacked(train_spec(run, config), jobs, data)
-    assert finished and 0 not in sum(finished, [])  # the other lane ran to its end before the error surfaced
+        train_stacked(spec, jobs, data)
+    assert time.perf_counter() - t0 < 5  # the other lane (20 epochs of slowed steps) did not run to its end
+    assert sorted(ended.values()) == ["LaneStopped", "RuntimeError"], ended
+    assert _lane_threads() == []
+
+
+def test_an_interrupt_stops_every_lane_promptly(tmp_path, monkeypatch):
+    spec, jobs, data, ended = _lane_setup(tmp_path, monkeypatch, fail_shard=None)
+
+    def interrupted_wait(futures, return_when):
+        time.sleep(0.2)
+        raise KeyboardInterrupt  # Ctrl-C while the main thread waits for its lanes
+
+    monkeypatch.setattr(stacking, "wait", interrupted_wait)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        train_stacked(spec, jobs, data)
+    assert time.perf_counter() - t0 < 5
+    assert sorted(ended.values()) == ["LaneStopped", "LaneStopped"], ended
+    assert _lane_threads() == []
 
 
 def test_concurrent_model_builds_draw_only_their_own_seed():
