@@ -234,7 +234,7 @@ def _train_lanes(
     next step; the first error is raised once every lane has ended (checkpoints written so far stay valid)."""
     stop, results = threading.Event(), {}
     with ThreadPoolExecutor(len(units), thread_name_prefix="sisa-stack") as pool:
-        futures = [pool.submit(_lane, spec, unit, data, width, mode, stop) for unit in units]
+        futures = [pool.submit(_train_groups, spec, unit, data, width, mode, stop) for unit in units]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
         finally:
@@ -268,19 +268,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _lane(
-    spec: TrainSpec,
-    jobs: list[ShardJob],
-    data: dict[int, ShardData],
-    width: int,
-    mode: str,
-    stop: threading.Event | None = None,
-) -> dict[int, ShardResult]:
-    # OpenMP keeps its thread count per thread: set this lane's, so its kernels run as the loop's do
-    torch.set_num_threads(spec.config.training.threads)
-    return _train_groups(spec, jobs, data, width, mode, stop)
-
-
 def _train_groups(
     spec: TrainSpec,
     jobs: list[ShardJob],
@@ -289,6 +276,8 @@ def _train_groups(
     mode: str,
     stop: threading.Event | None = None,
 ) -> dict[int, ShardResult]:
+    # OpenMP keeps its thread count per thread: set it in every lane, so its kernels run as the loop's do
+    torch.set_num_threads(spec.config.training.threads)
     results: dict[int, ShardResult] = {}
     for slots in plan_groups(jobs, width, mode, spec.config.sharding.shards):
         results.update(GroupTrainer(spec, slots, data, mode, stop).run())
