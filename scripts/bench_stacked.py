@@ -3,9 +3,10 @@
     python scripts/bench_stacked.py                     # S=20, 20k records, 1 epoch; JSON on stdout
     python scripts/bench_stacked.py --records 100000 --rss   # also the peak RSS of a stacked training (child process)
 
-``scripts/bench_unlearning.py`` imports :func:`stacked_train_speedup_cpu`, :func:`stacked_train_speedup_gpu` and
-:func:`stacked_equals_loop_cpu` (this folder is on its ``sys.path``). Throughput counts training only (the executor's
-wall time for every shard of a run, checkpoint writes included; not writing the run's data files or evaluation).
+"stacked" is the executor as a run resolves it (lanes = ``stack_threads`` for the model and this machine); "one
+lane" the same with ``stack_threads=1``. ``make bench`` measures the same comparison on a longer training
+(``scripts/bench_throughput.py``). Throughput counts training only (the executor's wall time for every shard of a
+run, checkpoint writes included; not writing the run's data files or evaluation).
 """
 
 from __future__ import annotations
