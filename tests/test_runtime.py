@@ -50,6 +50,29 @@ def test_runtime_keys_leave_the_digest_alone_and_other_keys_are_refused_all_at_o
         cfg.with_runtime(["training.n_jobs=0"])  # still validated
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.n_jobs=3",
+        "training.backend=dask",
+        "training.scheduler=tcp://10.0.0.9:8786",
+        "training.progress=true",
+        "training.memory_budget_mb=7",
+        "training.stack_threads=5",
+        "aggregation.inference=stacked",
+    ],
+)
+def test_every_runtime_key_is_outside_the_digest(override):
+    assert override.partition("=")[0] in RUNTIME_KEYS
+    changed = CONFIG.with_runtime([override])
+    assert changed.to_dict() != CONFIG.to_dict() and changed.digest() == CONFIG.digest()
+
+
+def test_the_runtime_key_list_is_covered_by_the_digest_test():
+    keys = {o.partition("=")[0] for o in test_every_runtime_key_is_outside_the_digest.pytestmark[0].args[1]}
+    assert keys == set(RUNTIME_KEYS)
+
+
 def test_cli_delete_with_runtime_keys_equals_a_plain_delete_and_keeps_the_frozen_config(
     base, tmp_path, capsys
 ):
