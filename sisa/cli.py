@@ -14,9 +14,11 @@ from pathlib import Path
 
 from .cli_audit import HANDLERS as AUDIT_HANDLERS
 from .cli_audit import add_parsers as add_audit_parsers
+from .config import RUNTIME_KEYS
 from .exceptions import SisaError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = dict(AUDIT_HANDLERS)
+RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
 
 
 def command(name: str):
@@ -41,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set sharding.shards=8 (repeatable; with --resume only the runtime "
-        "keys: training.n_jobs, backend, scheduler, stack_threads, progress, memory_budget_mb)",
+        help="override a config key, e.g. --set sharding.shards=8 (repeatable; with --resume only "
+        f"{RUNTIME_HELP})",
     )
     t.add_argument("--resume", action="store_true", help="finish an interrupted training of --run")
     t.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -143,8 +145,7 @@ def _runtime_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="for this process only: training.n_jobs, backend, scheduler, stack_threads, progress, "
-        "memory_budget_mb or aggregation.inference (what does not change the models; repeatable)",
+        help=f"for this process only, what does not change the models: {RUNTIME_HELP} (repeatable)",
     )
 
 
