@@ -2,6 +2,7 @@
 
     python scripts/bench_stacked.py                     # S=20, 20k records, 1 epoch; JSON on stdout
     python scripts/bench_stacked.py --records 100000 --rss   # also the peak RSS of a stacked training (child process)
+    python scripts/bench_stacked.py --more                   # also the 784-256-10 MLP and the CNN (28x28 inputs)
 
 "stacked" is the executor as a run resolves it (lanes = ``stack_threads`` for the model and this machine); "one
 lane" the same with ``stack_threads=1``. ``make bench`` measures the same comparison on a longer training
@@ -85,20 +86,25 @@ def stacked_train_speedup(
     seed: int = 0,
     repeats: int = 3,
     shape: tuple[int, int, int] = (600, 128, 100),
+    model: tuple[str, ...] = (),
+    lanes: int | None = None,
 ) -> dict:
     """Train the same data with the loop and the stacked executor; report both throughputs and the ratio.
-    ``shape`` is (features, hidden, classes): the default is the Purchase MLP."""
+    ``shape`` is (features, hidden, classes): the default is the Purchase MLP; ``model`` more ``model.*``
+    overrides (e.g. the CNN); ``lanes`` pins the stacked run's ``stack_threads`` (default: as a run resolves it)."""
     n_f, hidden, n_c = shape
     df = make_purchase(records, seed=seed, n_features=n_f, n_classes=n_c)
     out = {"records": records, "shards": shards, "device": device, "repeats": repeats, "mlp": list(shape)}
+    if model:
+        out["model"] = list(model)
     with tempfile.TemporaryDirectory(prefix="sisa-bench-stacked-", dir=_scratch_dir()) as tmp:
         # "stacked": as a run resolves it (lanes = stack_threads from the model and the cores); then one lane
-        for name, executor, lanes in (
+        for name, executor, threads in (
             ("loop", "loop", None),
-            ("stacked", "stacked", None),
+            ("stacked", "stacked", lanes),
             ("one_lane", "stacked", 1),
         ):
-            overrides = [f"model.hidden=[{hidden}]", f"training.stack_threads={lanes or 'null'}"]
+            overrides = [f"model.hidden=[{hidden}]", f"training.stack_threads={threads or 'null'}", *model]
             cfg = purchase_config(shards, executor, device).with_overrides(overrides)
             r = train_throughput(cfg, df, Path(tmp) / name, repeats)
             out[f"{name}_samples_s"], out[f"{name}_seconds"] = r["samples_s"], r["seconds"]
@@ -206,6 +212,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--rss", action="store_true", help="also measure the peak RSS of a stacked training")
+    ap.add_argument("--more", action="store_true", help="also the MNIST-sized MLP 784-256-10 and the CNN")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--executor", default="stacked", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,6 +221,13 @@ def main() -> None:
     out = {"cpu": stacked_train_speedup(args.records, args.shards, "cpu")}
     out["stacked_train_speedup_cpu"] = out["cpu"]["speedup"]
     out["cpu_small_mlp"] = stacked_train_speedup(args.records, args.shards, "cpu", shape=(50, 32, 10))
+    if args.more:
+        mnist = (784, 256, 10)
+        out["cpu_mnist_mlp"] = stacked_train_speedup(args.records, args.shards, "cpu", shape=mnist)
+        cnn = ("model.name=cnn", "model.input_shape=[1,28,28]")
+        out["cpu_mnist_cnn"] = stacked_train_speedup(
+            args.records // 4, args.shards, "cpu", shape=mnist, model=cnn
+        )
     gpu = stacked_train_speedup(args.records, args.shards, "cuda") if torch.cuda.is_available() else None
     out["gpu"], out["stacked_train_speedup_gpu"] = gpu, gpu and gpu["speedup"]
     out["stacked_equals_loop_cpu"] = stacked_equals_loop_cpu()

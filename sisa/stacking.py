@@ -60,10 +60,10 @@ MODES = {"cpu": "exact", "cuda": "batched"}
 # executor: auto on CPU (exact mode). Exact stacking runs the loop's own kernels, so on one core what it saves is
 # per-step overhead (one optimizer update and one backward call for the group, no per-shard Python step), and
 # lanes (stack_threads) add the other cores. Measured with scripts/bench_stacked.py on this 2-core CPU
-# (docs/stacking.md): models of <50k parameters are overhead-bound, so one lane stacks them 1.5-1.9x faster than
-# the loop while two lanes contend for the GIL (1.25x); models whose matmuls or convolutions dominate (600-128-100
-# Purchase MLP: 90k parameters, 784-256-10: 200k, the MNIST CNN) gain nothing from stacking on one core
-# (0.9-1.0x) and 1.56-1.67x from two lanes. On CUDA (batched mode) the stack replaces S launch-bound shards by
+# (docs/stacking.md): models of <50k parameters are overhead-bound, so one lane stacks them 1.5-1.8x faster than
+# the loop and two lanes are slower (1.25-1.37x: their Python steps take turns); models whose matmuls or
+# convolutions dominate (600-128-100 Purchase MLP: 90k parameters, 784-256-10: 200k, the CNN) gain nothing from
+# stacking on one core (0.95-1.05x) and 1.6-1.76x from two lanes. On CUDA (batched mode) the stack replaces S launch-bound shards by
 # one: DESIGN §7 measured 13-35x (MLP) and 2.9x (CNN) on an H100.
 CPU_STACKED_MAX_PARAMS = 50_000
 
