@@ -31,11 +31,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from sisa.config import Config  # noqa: E402
-from sisa.datasets import make_tabular  # noqa: E402
 from sisa.estimator import SisaClassifier  # noqa: E402
 from sisa.fitting import train  # noqa: E402
-from sisa.serving_app import create_app  # noqa: E402
-from sisa.serving_schema import ServerSettings  # noqa: E402
+from sisa.serving.app import create_app  # noqa: E402
+from sisa.serving.schema import ServerSettings  # noqa: E402
+from sisa.tables.datasets import make_tabular  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def start_server(run: Path) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
-        "sisa.cli",
+        "sisa.cli.main",
         "serve",
         "--run",
         str(run),

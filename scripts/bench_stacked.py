@@ -29,11 +29,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from sisa.config import Config  # noqa: E402
-from sisa.datasets import make_purchase  # noqa: E402
-from sisa.executors import run_jobs  # noqa: E402
 from sisa.fitting import create_run, plan, train, train_spec  # noqa: E402
-from sisa.rundir import RunDir  # noqa: E402
-from sisa.tables import validate_table  # noqa: E402
+from sisa.store.rundir import RunDir  # noqa: E402
+from sisa.tables.datasets import make_purchase  # noqa: E402
+from sisa.tables.table import validate_table  # noqa: E402
+from sisa.train.executors import run_jobs  # noqa: E402
 from sisa.unlearning import delete  # noqa: E402
 
 

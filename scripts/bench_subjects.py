@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sisa.config import Config  # noqa: E402
 from sisa.costs import batched_requests_cost, full_retrain_cost, single_request_cost  # noqa: E402
-from sisa.datasets import make_subjects  # noqa: E402
 from sisa.estimator import SisaClassifier, run_status  # noqa: E402
-from sisa.training import epochs_per_slice  # noqa: E402
+from sisa.tables.datasets import make_subjects  # noqa: E402
+from sisa.train.shard import epochs_per_slice  # noqa: E402
 from sisa.unlearning import delete  # noqa: E402
 
 

@@ -16,12 +16,12 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sisa.aggregation import Ensemble  # noqa: E402
 from sisa.config import Config, TrainingConfig  # noqa: E402
-from sisa.executors import run_jobs  # noqa: E402
 from sisa.fitting import create_run, plan, train_spec  # noqa: E402
-from sisa.models import build_model  # noqa: E402
-from sisa.optim import Optimizer  # noqa: E402
-from sisa.stacking import available_cores  # noqa: E402
-from sisa.training import ShardData, ShardJob, TrainSpec, train_shard  # noqa: E402
+from sisa.train.executors import run_jobs  # noqa: E402
+from sisa.train.models import build_model  # noqa: E402
+from sisa.train.optim import Optimizer  # noqa: E402
+from sisa.train.shard import ShardData, ShardJob, TrainSpec, train_shard  # noqa: E402
+from sisa.train.stacking import available_cores  # noqa: E402
 
 
 # ---- framework overhead ----------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def overhead(s: Setup, work: Path, df, out: dict) -> None:
         ["path", "samples/s", "vs minimal loop"],
         [
             ["minimal torch loop (torch.optim.Adam)", res["minimal_samples_per_s"], 1.0],
-            ["minimal loop with sisa.optim.Optimizer", res["minimal_with_sisa_optimizer_samples_per_s"],
+            ["minimal loop with sisa.train.optim.Optimizer", res["minimal_with_sisa_optimizer_samples_per_s"],
              minimal / same_opt],
             *[[f"sisa train_shard, R={R}", res[f"framework_samples_per_s_R{R}"],
                res["overhead_ratio" if R == 1 else "overhead_ratio_sliced"]] for R in sorted({1, s.slices})],
@@ -139,7 +139,7 @@ def parallel(s: Setup, work: Path, df, out: dict) -> None:
 
 
 def _table(df):
-    from sisa.tables import validate_table
+    from sisa.tables.table import validate_table
 
     return validate_table(df, Config().data, "benchmark data")
 

@@ -40,9 +40,9 @@ import torch  # noqa: E402
 
 from sisa import costs  # noqa: E402
 from sisa.aggregation import Ensemble  # noqa: E402
-from sisa.datasets import PURCHASE_BENCH_FLIP, make_purchase  # noqa: E402
 from sisa.fitting import evaluate, train  # noqa: E402
-from sisa.rundir import RunDir  # noqa: E402
+from sisa.store.rundir import RunDir  # noqa: E402
+from sisa.tables.datasets import PURCHASE_BENCH_FLIP, make_purchase  # noqa: E402
 from sisa.unlearning import delete  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,7 +177,15 @@ def _profile_deletion(root: Path, rng) -> dict:
 def _cli_deletion(root: Path, rng) -> float:
     ids = RunDir(root).index(verify=False).active["record_id"].to_numpy()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(root), str(ids[rng.integers(len(ids))])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sisa.cli.main",
+        "delete",
+        "--run",
+        str(root),
+        str(ids[rng.integers(len(ids))]),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return time.perf_counter() - t0

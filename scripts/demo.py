@@ -1,6 +1,6 @@
 """`make demo`: train on UCI Adult, predict, forget three people's records, show the receipt, verify the result.
 
-Every step is a real `sisa` command (run in this process through `sisa.cli.main`), echoed as you would type it.
+Every step is a real `sisa` command (run in this process through `sisa.cli.main.main`), echoed as you would type it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sisa.cli import main  # noqa: E402
+from sisa.cli.main import main  # noqa: E402
 
 RUN = Path("runs/demo")
 PREDICTIONS = Path("runs/demo-predictions.csv")

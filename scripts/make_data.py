@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from sisa.datasets import write_dataset, write_purchase  # noqa: E402
+from sisa.tables.datasets import write_dataset, write_purchase  # noqa: E402
 
 CHOICES = ("adult", "mnist", "purchase")
 

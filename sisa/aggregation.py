@@ -5,7 +5,7 @@ vote with ties going to the lowest class index, and reports vote shares as proba
 learns from training data, so it never has to be unlearned.
 
 The S sub-models share one architecture, so they can be evaluated as one batched call
-(``sisa.stacked_models.batched_forward``: ``baddbmm`` for the MLP, a grouped convolution for the CNN, ``vmap`` over
+(``sisa.train.stacked_models.batched_forward``: ``baddbmm`` for the MLP, a grouped convolution for the CNN, ``vmap`` over
 ``functional_call`` for any other module) instead of S sequential forwards; ``auto`` picks by batch size.
 """
 
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import load_checkpoint
 from .config import Config
 from .exceptions import DataError, RunStateError
-from .models import build_model
-from .stacked_models import ShardStack, batched_forward, module_tensors
+from .store.checkpoints import load_checkpoint
+from .train.models import build_model
+from .train.stacked_models import ShardStack, batched_forward, module_tensors
 
 # ``auto`` inference: stacked for batches of at most this many rows. The stacked call saves the loop's per-model
 # dispatch overhead; on CPU, once a batch is big enough for each model's matmuls to be compute-bound, that saving is

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .index import RecordIndex
-from .rundir import RunDir
+from .store.index import RecordIndex
+from .store.rundir import RunDir
 
 HASH_COLUMN = "_row_hash"
 

@@ -17,10 +17,10 @@ from .aggregation import Ensemble
 from .config import Config
 from .exceptions import RunStateError
 from .fitting import train
-from .journal import Journal
-from .rundir import RunDir
 from .sharding import imbalance
-from .tables import Table, features_for_prediction
+from .store.journal import Journal
+from .store.rundir import RunDir
+from .tables.table import Table, features_for_prediction
 from .unlearning import delete, recover
 
 

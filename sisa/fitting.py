@@ -19,17 +19,17 @@ import numpy as np
 import pandas as pd
 
 from .aggregation import Ensemble
-from .checkpoints import checkpoint_name, fingerprint_chain, is_complete
 from .config import Config
 from .duplicates import row_hashes
 from .exceptions import ConfigError, IntegrityError, RunStateError, SisaError
-from .executors import run_jobs
-from .index import RecordIndex
-from .rundir import RunDir, shard_data
 from .sharding import place
-from .storage import clean_temp_files, parse_parquet, remove_tree, sha256_bytes, sha256_file, writer_lock
-from .tables import Table, read_table, validate_table
-from .training import ShardData, ShardJob, ShardResult, TrainSpec, resolve_device
+from .store.checkpoints import checkpoint_name, fingerprint_chain, is_complete
+from .store.files import clean_temp_files, parse_parquet, remove_tree, sha256_bytes, sha256_file, writer_lock
+from .store.index import RecordIndex
+from .store.rundir import RunDir, shard_data
+from .tables.table import Table, read_table, validate_table
+from .train.executors import run_jobs
+from .train.shard import ShardData, ShardJob, ShardResult, TrainSpec, resolve_device
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_training_table(config: Config) -> Table:
 
 def resolve_config(config: Config, table: Table) -> Config:
     """Freeze what training decides: class list, feature names, device and executor."""
-    from .stacking import choose_executor
+    from .train.stacking import choose_executor
 
     resolved = Config.from_dict(config.to_dict())
     resolved.data.classes = list(table.classes)

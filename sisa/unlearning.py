@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import checkpoint_name, load_checkpoint
 from .duplicates import find_duplicates
 from .exceptions import ConfigError, IntegrityError, RunLockedError, UnknownRecordError, UnrepairableError
 from .fitting import plan, refresh
-from .index import RecordIndex, keyed_id_hashes
-from .journal import Journal, new_request_id
-from .rundir import RunDir
-from .storage import (
+from .store.checkpoints import checkpoint_name, load_checkpoint
+from .store.files import (
     TMP_PREFIX,
     atomic_write_bytes,
     parquet_bytes,
@@ -34,6 +31,9 @@ from .storage import (
     temp_leftovers,
     writer_lock,
 )
+from .store.index import RecordIndex, keyed_id_hashes
+from .store.journal import Journal, new_request_id
+from .store.rundir import RunDir
 
 
 def delete(
@@ -146,7 +146,7 @@ def _resolve(run: RunDir, index: RecordIndex, secret: bytes, record_ids: list, s
 
 
 def _as_index_type(value, index: RecordIndex):
-    from .index import coerce_ids
+    from .store.index import coerce_ids
 
     return coerce_ids([value], index.active["subject_id"])[0]
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from sisa.config import Config
-from sisa.datasets import make_tabular
 from sisa.fitting import train
-from sisa.rundir import RunDir
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 
 
 def small_config(**sections) -> Config:

@@ -9,8 +9,8 @@ from torch import nn
 
 from sisa.aggregation import Ensemble
 from sisa.config import Config
-from sisa.datasets import make_tabular
 from sisa.exceptions import RunStateError
+from sisa.tables.datasets import make_tabular
 from tests.conftest import feature_matrix, small_config, train_run
 
 CLASSES = ["x", "y", "z"]

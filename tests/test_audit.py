@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 
 from sisa.aggregation import Ensemble
-from sisa.attacks import Group, compare_groups, lira_scores, logit_confidence
-from sisa.audit import former_shards, load_rows, run_audit
-from sisa.cli import main
+from sisa.cli.main import main
 from sisa.config import Config
+from sisa.evidence.attacks import Group, compare_groups, lira_scores, logit_confidence
+from sisa.evidence.audit import former_shards, load_rows, run_audit
+from sisa.evidence.roc import delong, evaluate_attack, roc_curve, tpr_at_fpr
 from sisa.exceptions import ConfigError, DataError, RunStateError
 from sisa.fitting import train
-from sisa.journal import Journal
-from sisa.roc import delong, evaluate_attack, roc_curve, tpr_at_fpr
-from sisa.storage import writer_lock
+from sisa.store.files import writer_lock
+from sisa.store.journal import Journal
 from sisa.unlearning import delete
 from tests.conftest import small_config, train_run
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from sisa.baselines import (
+from sisa.cli.main import main
+from sisa.evidence.baselines import (
     CLASS_ONLY,
     METHODS,
     Records,
@@ -19,10 +20,9 @@ from sisa.baselines import (
     gradient_ascent,
     impair_repair,
 )
-from sisa.cli import main
-from sisa.comparison import Sets, compare, metrics, parse_requests, single_log_probs
-from sisa.datasets import make_tabular
+from sisa.evidence.comparison import Sets, compare, metrics, parse_requests, single_log_probs
 from sisa.exceptions import ConfigError
+from sisa.tables.datasets import make_tabular
 from tests.conftest import small_config
 
 

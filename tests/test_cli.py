@@ -1,4 +1,4 @@
-"""The command line, in-process (``sisa.cli.main``) and once as a real ``python -m sisa.cli`` subprocess."""
+"""The command line, in-process (``sisa.cli.main.main``) and once as a real ``python -m sisa.cli`` subprocess."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sisa.cli import main
-from sisa.datasets import make_tabular
+from sisa.cli.main import main
+from sisa.tables.datasets import make_tabular
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def subprocess_free_status(run: Path) -> str:
 def test_resume_finishes_an_interrupted_training(project, capsys):
     import shutil
 
-    from sisa.rundir import RunDir
+    from sisa.store.rundir import RunDir
     from tests.conftest import assert_runs_identical
 
     tmp, _ = project

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa import cli
 from sisa.aggregation import Ensemble
-from sisa.datasets import make_tabular
-from sisa.journal import Journal
-from sisa.rundir import RunDir
+from sisa.cli import main as cli
+from sisa.store.journal import Journal
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import assert_runs_identical, small_config, train_run
 
@@ -156,8 +156,9 @@ def test_readers_always_see_one_whole_generation(run, runs):
     thread = threading.Thread(target=reader)
     thread.start()
     try:  # one writer process, two requests (one interpreter start-up)
-        code = f"from sisa.cli import main; main(['delete', '--run', {str(run.root)!r}, '3', '17']); " + (
-            f"main(['delete', '--run', {str(run.root)!r}, '5'])"
+        code = (
+            f"from sisa.cli.main import main; main(['delete', '--run', {str(run.root)!r}, '3', '17']); "
+            + (f"main(['delete', '--run', {str(run.root)!r}, '5'])")
         )
         writer = subprocess.run(
             [sys.executable, "-c", code],

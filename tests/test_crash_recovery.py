@@ -1,6 +1,6 @@
 """Kill -9 a real ``python -m sisa.cli delete`` at many moments; recovery must give the uninterrupted result.
 
-The moments come from the fault hook in :func:`sisa.storage.crash_point`: one in-process deletion, run with
+The moments come from the fault hook in :func:`sisa.store.files.crash_point`: one in-process deletion, run with
 ``SISA_CRASH_LOG``, lists every durable step (write, torn temp file, rename, removal) in order; each trial copies the
 trained base run, starts the CLI with ``SISA_CRASH_AT=N`` so that it SIGKILLs itself at step N, recovers with
 ``sisa status`` and compares the run with the uninterrupted deletion.
@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sisa import cli
-from sisa.datasets import make_tabular
-from sisa.journal import Journal
-from sisa.rundir import RunDir
-from sisa.storage import CRASH_AT_ENV, CRASH_LOG_ENV, read_parquet, reset_crash_counter, temp_leftovers
+from sisa.cli import main as cli
+from sisa.store.files import CRASH_AT_ENV, CRASH_LOG_ENV, read_parquet, reset_crash_counter, temp_leftovers
+from sisa.store.journal import Journal
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import assert_runs_identical, small_config, train_run
 

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import pytest
 
 from sisa.exceptions import ClusterError
-from sisa.executors import _require_visible, dask_client, shutdown_dask
 from sisa.fitting import train
-from sisa.training import ShardResult, TrainSpec
+from sisa.train.executors import _require_visible, dask_client, shutdown_dask
+from sisa.train.shard import ShardResult, TrainSpec
 from sisa.unlearning import delete
 
 from .conftest import assert_runs_identical, small_config
@@ -92,7 +92,7 @@ def test_client_is_reused_and_workers_are_checked(cluster, monkeypatch):
     with deadline(60):
         first = dask_client(cluster.scheduler_address)
         assert dask_client(cluster.scheduler_address) is first
-        monkeypatch.setattr("sisa.executors.WORKER_MODULE", "sisa_not_installed_anywhere")
+        monkeypatch.setattr("sisa.train.executors.WORKER_MODULE", "sisa_not_installed_anywhere")
         shutdown_dask()
         with pytest.raises(ClusterError) as err:
             dask_client(cluster.scheduler_address)
@@ -103,7 +103,7 @@ def test_client_is_reused_and_workers_are_checked(cluster, monkeypatch):
 
 
 def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr("sisa.executors.CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr("sisa.train.executors.CONNECT_TIMEOUT", "1s")
     with (
         deadline(60),
         pytest.raises(ClusterError, match=r"^cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9 "),

@@ -1,4 +1,4 @@
-"""Tests for sisa.datasets (no download except the one network-marked test)."""
+"""Tests for sisa.tables.datasets (no download except the one network-marked test)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sisa import datasets as ds
+from sisa.tables import datasets as ds
 
 ADULT_TRAIN = """\
 39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 2174, 0, 40, United-States, <=50K

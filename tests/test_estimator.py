@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sisa.datasets import make_tabular
 from sisa.estimator import SisaClassifier
 from sisa.exceptions import DataError, RunStateError, UnknownRecordError
+from sisa.tables.datasets import make_tabular
 from tests.conftest import feature_matrix, small_config
 
 

@@ -19,10 +19,10 @@ import torch
 
 from sisa.aggregation import Ensemble
 from sisa.config import Config
-from sisa.datasets import make_tabular
 from sisa.exceptions import UnknownRecordError
 from sisa.fitting import train
-from sisa.rundir import RunDir
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import assert_runs_identical, feature_matrix, small_config, train_run
 

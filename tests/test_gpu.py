@@ -1,7 +1,7 @@
 """CUDA only (skips cleanly without a GPU): the stacked executor's exactness rule on a GPU.
 
 In deterministic mode a shard's bits on CUDA depend on the width of the batched kernels it runs in (DESIGN §7), so
-the stacked executor keeps every shard in a fixed slot of a fixed-width group whenever it trains (sisa.stacking).
+the stacked executor keeps every shard in a fixed slot of a fixed-width group whenever it trains (sisa.train.stacking).
 These tests check that, with that rule, delete-then-retrain on the GPU is bit-identical to training from scratch
 without the records, that training is reproducible, and that every checkpoint records device, torch version,
 executor and stack width.
@@ -16,8 +16,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA start
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sisa.checkpoints import read_meta  # noqa: E402
-from sisa.datasets import make_tabular  # noqa: E402
+from sisa.store.checkpoints import read_meta  # noqa: E402
+from sisa.tables.datasets import make_tabular  # noqa: E402
 from tests.conftest import assert_runs_identical, small_config, train_run  # noqa: E402
 from tests.test_exactness import CASES, delete_and_compare  # noqa: E402
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from sisa.exceptions import IntegrityError
-from sisa.index import RecordIndex, coerce_ids, keyed_id_hashes
 from sisa.sharding import place
+from sisa.store.index import RecordIndex, coerce_ids, keyed_id_hashes
 
 SECRET = bytes(range(32))
 

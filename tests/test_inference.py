@@ -8,7 +8,7 @@ import torch
 
 from sisa.aggregation import STACKED_MAX_BATCH, Ensemble
 from sisa.config import Config
-from sisa.models import build_model
+from sisa.train.models import build_model
 
 
 def ensemble(

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa import cli
 from sisa.aggregation import Ensemble
-from sisa.checkpoints import load_checkpoint
-from sisa.datasets import make_tabular
+from sisa.cli import main as cli
 from sisa.estimator import SisaClassifier, run_status
 from sisa.exceptions import IntegrityError, UnrepairableError
-from sisa.journal import Journal
-from sisa.rundir import RunDir
+from sisa.store.checkpoints import load_checkpoint
+from sisa.store.journal import Journal
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete, repair
 from tests.conftest import assert_runs_identical, small_config, train_run
 

@@ -13,16 +13,16 @@ import shutil
 import numpy as np
 import pytest
 
-from sisa import cli
-from sisa.datasets import make_tabular
+from sisa.cli import main as cli
 from sisa.estimator import SisaClassifier
+from sisa.evidence.history import COLUMNS, deletion_log, format_log
 from sisa.exceptions import ConfigError
 from sisa.fitting import train
-from sisa.history import COLUMNS, deletion_log, format_log
-from sisa.index import keyed_id_hashes
-from sisa.journal import Journal
-from sisa.rundir import RunDir
-from sisa.storage import CRASH_LOG_ENV, reset_crash_counter
+from sisa.store.files import CRASH_LOG_ENV, reset_crash_counter
+from sisa.store.index import keyed_id_hashes
+from sisa.store.journal import Journal
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import assert_runs_identical, small_config, train_run
 
@@ -192,7 +192,7 @@ def test_history_lists_every_request_as_table_csv_and_json(int_runs, tmp_path, c
 
 
 def test_history_shows_a_request_pending_while_another_writer_holds_the_lock(int_runs, tmp_path):
-    from sisa.storage import writer_lock
+    from sisa.store.files import writer_lock
 
     run, request = pending_run(int_runs[0], tmp_path / "r", [3])
     with writer_lock(run.root):  # the writer applying it: history must not wait, and shows it pending

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from sisa.executors import run_jobs, work_units
 from sisa.fitting import plan, train, train_spec
+from sisa.train.executors import run_jobs, work_units
 from sisa.unlearning import delete
 
 from .conftest import assert_runs_identical, small_config

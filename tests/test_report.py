@@ -9,10 +9,10 @@ import re
 import pytest
 from PIL import Image
 
-from sisa.cli import main
-from sisa.datasets import make_tabular
+from sisa.cli.main import main
+from sisa.evidence.report import build_report, deletion_history
 from sisa.exceptions import ConfigError
-from sisa.report import build_report, deletion_history
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import small_config, train_run
 

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from sisa import serving_worker
 from sisa.config import RUNTIME_KEYS
-from sisa.datasets import make_tabular
 from sisa.exceptions import ConfigError
 from sisa.fitting import train
-from sisa.rundir import RunDir
-from sisa.serving import ServingState
+from sisa.serving import worker as serving_worker
+from sisa.serving.state import ServingState
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import assert_runs_identical, small_config, train_run
 from tests.test_cli import one_line_error, run_cli
@@ -134,7 +134,7 @@ def test_the_server_retrains_with_its_runtime_keys(base, monkeypatch):
 
 
 def test_serve_and_repair_parse_runtime_keys():
-    from sisa.cli import build_parser
+    from sisa.cli.main import build_parser
 
     p = build_parser()
     a = p.parse_args(["serve", "--run", "r", "--set", "training.backend=local", "--set", "training.n_jobs=1"])

@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa import serving_worker, unlearning
-from sisa.cli import main
-from sisa.datasets import make_subjects, make_tabular
+from sisa import unlearning
+from sisa.cli.main import main
 from sisa.estimator import SisaClassifier
 from sisa.exceptions import ConfigError
-from sisa.journal import Journal
-from sisa.rundir import RunDir
-from sisa.serving import ServingState
-from sisa.serving_app import create_app, listen_socket, resolve_token
-from sisa.serving_schema import ServerSettings
-from sisa.storage import writer_lock
+from sisa.serving import worker as serving_worker
+from sisa.serving.app import create_app, listen_socket, resolve_token
+from sisa.serving.schema import ServerSettings
+from sisa.serving.state import ServingState
+from sisa.store.files import writer_lock
+from sisa.store.journal import Journal
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_subjects, make_tabular
 
 from .conftest import assert_runs_identical, small_config, train_run
 

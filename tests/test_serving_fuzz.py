@@ -12,10 +12,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from sisa.journal import Journal
-from sisa.rundir import RunDir
-from sisa.serving_app import create_app
-from sisa.serving_schema import ServerSettings
+from sisa.serving.app import create_app
+from sisa.serving.schema import ServerSettings
+from sisa.store.journal import Journal
+from sisa.store.rundir import RunDir
 
 from .conftest import small_config, train_run
 
@@ -26,7 +26,7 @@ POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.Generati
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from sisa.datasets import make_tabular
+    from sisa.tables.datasets import make_tabular
 
     df = make_tabular(300, seed=2, n_features=4, n_classes=3, string_labels=True)
     root = tmp_path_factory.mktemp("fuzz") / "run"

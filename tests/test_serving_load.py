@@ -22,9 +22,9 @@ import httpx
 import numpy as np
 import pytest
 
-from sisa.datasets import make_tabular
 from sisa.estimator import SisaClassifier
-from sisa.rundir import RunDir
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 
 from .conftest import assert_runs_identical, small_config, train_run

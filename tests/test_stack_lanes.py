@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-from sisa import lockstep, stacking
 from sisa.config import Config, ModelConfig
-from sisa.datasets import make_tabular
 from sisa.exceptions import ConfigError
 from sisa.fitting import create_run, plan, train_spec
-from sisa.models import GLOBAL_RNG_LOCK, build_model
-from sisa.stacking import available_cores, stack_lanes, train_stacked
-from sisa.tables import validate_table
+from sisa.tables.datasets import make_tabular
+from sisa.tables.table import validate_table
+from sisa.train import lockstep, stacking
+from sisa.train.models import GLOBAL_RNG_LOCK, build_model
+from sisa.train.stacking import available_cores, stack_lanes, train_stacked
 from tests.conftest import small_config, train_run
 from tests.test_stacking import resolved
 

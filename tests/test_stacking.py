@@ -21,16 +21,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sisa import stacking
 from sisa.aggregation import Ensemble
-from sisa.checkpoints import read_meta
 from sisa.config import Config, TrainingConfig
-from sisa.datasets import make_tabular
 from sisa.exceptions import ConfigError
 from sisa.fitting import plan, train_spec
-from sisa.optim import Optimizer
-from sisa.rundir import RunDir
-from sisa.stacking import (
+from sisa.store.checkpoints import read_meta
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
+from sisa.train import stacking
+from sisa.train.optim import Optimizer
+from sisa.train.shard import ShardJob
+from sisa.train.stacking import (
     CPU_STACKED_MAX_PARAMS,
     choose_executor,
     default_stack_size,
@@ -39,7 +40,6 @@ from sisa.stacking import (
     shard_memory_bytes,
     train_stacked,
 )
-from sisa.training import ShardJob
 from sisa.unlearning import delete
 from tests.conftest import feature_matrix, small_config, train_run
 from tests.test_exactness import CASES, delete_and_compare, rows_at
@@ -181,7 +181,7 @@ def test_masked_step_leaves_inactive_shards_bit_for_bit_unchanged(kind):
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_stacked_optimizer_updates_each_shard_like_an_unstacked_one(monkeypatch, kind, chunk_bytes):
     """Adam/SGD over [S, ...] tensors with per-shard masks == S independent optimizers, bit for bit."""
-    monkeypatch.setattr("sisa.optim.CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr("sisa.train.optim.CHUNK_BYTES", chunk_bytes)
     cfg, S = TrainingConfig(**OPTIMIZERS[kind]), 5
     g = torch.Generator().manual_seed(1)
     shapes = {"w": (7, 13), "b": (13,)}

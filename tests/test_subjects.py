@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sisa.cli import main
-from sisa.datasets import make_subjects, make_tabular
-from sisa.erasure import check_erasure
+from sisa.cli.main import main
 from sisa.estimator import run_status
+from sisa.evidence.erasure import check_erasure
 from sisa.exceptions import ConfigError, UnknownRecordError
+from sisa.tables.datasets import make_subjects, make_tabular
 from sisa.unlearning import delete
 
 from .conftest import assert_runs_identical, small_config, train_run

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from sisa.config import DataConfig
-from sisa.datasets import make_tabular
 from sisa.estimator import SisaClassifier
 from sisa.exceptions import DataError
 from sisa.fitting import train
-from sisa.tables import features_for_prediction, read_table, validate_table
+from sisa.tables.datasets import make_tabular
+from sisa.tables.table import features_for_prediction, read_table, validate_table
 from sisa.unlearning import delete
 from tests.conftest import small_config
 

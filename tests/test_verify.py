@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sisa import cli
-from sisa.checkpoints import read_meta
-from sisa.datasets import make_tabular
-from sisa.erasure import check_erasure
+from sisa.cli import main as cli
+from sisa.evidence.erasure import check_erasure
+from sisa.evidence.verification import verify
 from sisa.exceptions import ConfigError, IncompatibleCheckpointError
-from sisa.index import keyed_id_hashes
-from sisa.rundir import RunDir
-from sisa.storage import atomic_write_json, sha256_bytes, sha256_file
+from sisa.store.checkpoints import read_meta
+from sisa.store.files import atomic_write_json, sha256_bytes, sha256_file
+from sisa.store.index import keyed_id_hashes
+from sisa.store.rundir import RunDir
+from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
-from sisa.verification import verify
 from tests.conftest import small_config, train_run
 
 CONFIG = small_config(sharding={"shards": 2, "slices": 3}, model={"hidden": [8]}, training={"epochs": 1})

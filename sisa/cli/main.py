@@ -1,0 +1,429 @@
+"""``sisa`` command line: a thin typed shell over the library.
+
+Every command exits 0 on success and non-zero with a one-line reason on stderr on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import RUNTIME_KEYS
+from ..exceptions import SisaError
+from .audit import HANDLERS as AUDIT_HANDLERS
+from .audit import add_parsers as add_audit_parsers
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = dict(AUDIT_HANDLERS)
+RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sisa", description="Exact machine unlearning by SISA training.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a sharded, sliced ensemble into a run directory")
+    t.add_argument("config", nargs="?", help="YAML config file (not needed with --resume)")
+    t.add_argument("--run", required=True, help="run directory to create")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sharding.shards=8 (repeatable; with --resume only "
+        f"{RUNTIME_HELP})",
+    )
+    t.add_argument("--resume", action="store_true", help="finish an interrupted training of --run")
+    t.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
+    pr = sub.add_parser("predict", help="predict with the live ensemble")
+    pr.add_argument("--run", required=True)
+    pr.add_argument("--data", required=True, help="table of instances (.parquet, .csv, .npz)")
+    pr.add_argument("--out", required=True, help="output file: .parquet or .csv")
+
+    d = sub.add_parser("delete", help="forget records (by ID) or data subjects and retrain what saw them")
+    d.add_argument("--run", required=True)
+    d.add_argument("ids", nargs="*", help="record IDs to delete")
+    d.add_argument("--ids-file", help="file with one record ID per line")
+    d.add_argument(
+        "--subject",
+        dest="subjects",
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="data-subject IDs: delete every row of these people",
+    )
+    d.add_argument("--subjects-file", help="file with one subject ID per line")
+    d.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another writer to finish instead of failing",
+    )
+    dup = d.add_mutually_exclusive_group()
+    dup.add_argument(
+        "--check-duplicates",
+        action="store_true",
+        help="report other active records with identical features and label (IDs printed only)",
+    )
+    dup.add_argument(
+        "--delete-duplicates", action="store_true", help="delete such duplicates in the same request"
+    )
+    d.add_argument("--json", action="store_true", help="print the receipt as JSON")
+    _runtime_option(d)
+
+    s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
+    s.add_argument("--run", required=True)
+    s.add_argument("--json", action="store_true")
+
+    # -- durability parsers: verify, history, repair --
+    v = sub.add_parser("verify", help="certify the live models: retrain from scratch and compare bit for bit")
+    v.add_argument("--run", required=True)
+    _shard_option(v, "verify")
+    v.add_argument(
+        "--erasure",
+        action="store_true",
+        help="check instead that nothing of deleted records survives in the run directory",
+    )
+    v.add_argument(
+        "--ids-file", help="with --erasure: deleted record IDs (one per line) to search every file for"
+    )
+    v.add_argument(
+        "--data", help="with --erasure: the original rows (table); their feature rows are searched too"
+    )
+    v.add_argument(
+        "--subjects-file", help="with --erasure: forgotten data-subject IDs (one per line) to search for"
+    )
+    v.add_argument("--workdir", help="folder for the scratch retrain (default: the system temp folder)")
+    v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
+    v.add_argument("--json", action="store_true")
+
+    hi = sub.add_parser("history", help="the deletion log (request, time, records, retrained shards, status)")
+    hi.add_argument("--run", required=True)
+    hi.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    hi.add_argument("--out", help="write to this file instead of stdout")
+
+    rp = sub.add_parser("repair", help="rebuild corrupted or missing checkpoints from the run's own data")
+    rp.add_argument("--run", required=True)
+    _shard_option(rp, "repair")
+    rp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
+    rp.add_argument("--json", action="store_true")
+    _runtime_option(rp)
+    # -- serving parsers: serve --
+    sv = sub.add_parser("serve", help="serve predictions over HTTP; deletions applied live (strict mode)")
+    sv.add_argument("--run", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
+    sv.add_argument("--token-file", help="file holding the bearer token for deletions (default: $SISA_TOKEN)")
+    sv.add_argument("--max-batch", type=int, default=1024, help="most instances per /predict request")
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (else 413)"
+    )
+    _runtime_option(sv)
+    add_audit_parsers(sub)  # audit, compare, report
+    return p
+
+
+def _runtime_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="runtime",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"for this process only, what does not change the models: {RUNTIME_HELP} (repeatable)",
+    )
+
+
+def _shard_option(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--shard",
+        dest="shards",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help=f"{verb} only this shard (repeatable); default all",
+    )
+
+
+def _read_ids(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SisaError(f"cannot read ID file {path!r}: {exc.strerror or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@command("train")
+def _train(a: argparse.Namespace) -> int:
+    from ..config import Config
+    from ..fitting import train
+
+    if a.resume:
+        from ..store.rundir import RunDir
+
+        if a.config:
+            raise SisaError("train --resume continues the run's frozen config; drop the config file")
+        RunDir(a.run).require()
+        run, report = train(a.run, None, resume=True, runtime=a.overrides)  # type: ignore[arg-type]
+    else:
+        if not a.config:
+            raise SisaError("train: give a config file (or --resume for an existing run)")
+        cfg = Config.load(a.config, a.overrides)
+        run, report = train(a.run, cfg)
+    manifest = run.manifest() or {}
+    summary = {
+        "run": str(run.root),
+        "generation": report.generation,
+        "shards_trained": len(report.jobs),
+        "seconds": round(report.seconds, 2),
+        **manifest.get("metrics", {}),
+    }
+    summary.pop("shard_accuracy", None)
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        acc = summary.get("test_accuracy")
+        print(
+            f"trained {summary['shards_trained']} shard(s) into {run.root} in {summary['seconds']} s"
+            + (f"; ensemble test accuracy {acc:.4f}" if acc is not None else "")
+        )
+    return 0
+
+
+@command("predict")
+def _predict(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ..estimator import SisaClassifier
+    from ..store.files import write_parquet
+    from ..tables.table import read_table
+
+    path = Path(a.out)
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise SisaError(f"predict --out: expected a .parquet or .csv file name, got {a.out!r}")
+    if not path.parent.is_dir():
+        raise SisaError(f"predict --out: folder {str(path.parent)!r} does not exist")
+    clf = SisaClassifier.load(a.run)
+    df = read_table(a.data)
+    proba = clf.predict_proba(df)
+    idx = proba.argmax(axis=1)
+    out = pd.DataFrame()
+    id_col = clf.config.data.id_column
+    if id_col in df.columns:
+        out[id_col] = df[id_col].to_numpy()
+    out["prediction"] = [clf.classes_[i] for i in idx]
+    for j, c in enumerate(clf.classes_):
+        out[f"proba_{c}"] = proba[:, j]
+    if path.suffix.lower() == ".csv":
+        out.to_csv(path, index=False)
+    else:
+        write_parquet(path, out)
+    print(f"wrote {len(out)} predictions to {path}")
+    return 0
+
+
+@command("delete")
+def _delete(a: argparse.Namespace) -> int:
+    from ..unlearning import delete
+
+    ids = list(a.ids) + _read_ids(a.ids_file)
+    subjects = list(a.subjects) + _read_ids(a.subjects_file)
+    dupes = "delete" if a.delete_duplicates else "report" if a.check_duplicates else "ignore"
+    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime)
+    if a.json:
+        print(json.dumps(receipt, indent=1, default=str))
+    elif receipt["status"] == "already_deleted":
+        print(f"already deleted, nothing retrained: {', '.join(map(str, receipt['already_deleted']))}")
+    else:
+        _print_receipt(receipt)
+        if receipt.get("already_deleted"):
+            print(f"already deleted before: {', '.join(map(str, receipt['already_deleted']))}")
+        if receipt.get("subject_rows"):
+            print("rows per subject: " + ", ".join(f"{s}: {n}" for s, n in receipt["subject_rows"].items()))
+        for key, what in (
+            ("duplicates_found", "duplicates still active"),
+            ("duplicates_deleted", "duplicates deleted"),
+        ):
+            if key in receipt:
+                print(f"{what}: {', '.join(map(str, receipt[key])) or 'none'}")
+    return 0
+
+
+def _print_receipt(r: dict) -> None:
+    print(
+        f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
+        f"generation {r['generation']}, {r['seconds']} s"
+    )
+    for s, k in r["shards_retrained"].items():
+        before, after = r["fingerprints_before"].get(s, "")[:12], r["fingerprints_after"].get(s, "")[:12]
+        print(f"  shard {s}: retrained from slice {k}; fingerprint {before} -> {after}")
+    print(f"  retraining cost: {r['samples_retrained']} samples, {r['optimizer_steps']} optimizer steps")
+
+
+@command("status")
+def _status(a: argparse.Namespace) -> int:
+    from ..estimator import run_status
+    from ..store.rundir import RunDir
+    from ..unlearning import recover
+
+    recover(RunDir(a.run))
+    st = run_status(a.run)
+    if a.json:
+        print(json.dumps(st, indent=1, default=str))
+        return 0
+    acc = st["test_accuracy"]
+    print(
+        f"run {st['run']}  generation {st['generation']}  model {st['model']}  executor {st['executor']}  "
+        f"device {st['device']}"
+    )
+    print(
+        f"shards {st['shards']} x slices {st['slices']} ({st['strategy']}); records active {st['records_active']}, "
+        f"deleted {st['records_deleted']}; deletion requests {st['deletion_requests']} "
+        f"({st['deletions_pending']} pending)"
+    )
+    print(
+        f"shard sizes {st['shard_records']} (imbalance {st['shard_imbalance']:.1%}); "
+        f"serving {len(st['shards_serving'])}/{st['shards']}"
+    )
+    if acc is not None:
+        print(f"ensemble test accuracy {acc:.4f}")
+    return 0
+
+
+# -- durability handlers --
+@command("verify")
+def _verify(a: argparse.Namespace) -> int:
+    from ..evidence import verification
+
+    if a.erasure:
+        return _verify_erasure(a)
+    if a.ids_file or a.data or a.subjects_file:
+        raise SisaError("verify: --ids-file, --subjects-file and --data belong to --erasure")
+    certs = verification.verify(a.run, a.shards or None, wait_s=a.wait, workdir=a.workdir)
+    if a.json:
+        print(json.dumps([c.to_dict() for c in certs], indent=1))
+    for c in certs if not a.json else []:
+        verdict = (
+            "yes"
+            if c.bit_identical
+            else f"NO (max abs diff {c.max_abs_diff:.3g}, {len(c.differing)} tensors)"
+        )
+        chain = (
+            ""
+            if c.fingerprint == c.recomputed_fingerprint
+            else f" != recomputed {c.recomputed_fingerprint[:12]}"
+        )
+        print(
+            f"shard {c.shard}: {c.records} records, fingerprint {c.fingerprint[:12]}{chain}, "
+            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict} ({c.seconds:.2f} s)"
+        )
+    bad = [c.shard for c in certs if not c.ok]
+    if bad:
+        print(
+            f"sisa: error: verify: shard(s) {', '.join(map(str, bad))} differ from a retrain from scratch",
+            file=sys.stderr,
+        )
+        return 1
+    if not a.json:
+        print(
+            f"verified {len(certs)} shard(s): every live checkpoint is bit-identical to a retrain from scratch"
+        )
+    return 0
+
+
+def _verify_erasure(a: argparse.Namespace) -> int:
+    from ..evidence.erasure import check_erasure
+
+    ids = _read_ids(a.ids_file) if a.ids_file else None
+    subjects = _read_ids(a.subjects_file) if a.subjects_file else None
+    report = check_erasure(a.run, ids, a.data, subjects=subjects, wait_s=a.wait)
+    if a.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for c in report.checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    if not report.ok:
+        failed = ", ".join(c.name for c in report.checks if not c.ok)
+        print(f"sisa: error: verify --erasure: failed checks: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("history")
+def _history(a: argparse.Namespace) -> int:
+    from ..evidence.history import deletion_log, format_log
+
+    text = format_log(deletion_log(a.run), a.format)
+    if a.out:
+        Path(a.out).write_text(text)
+        print(f"wrote the deletion log to {a.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+@command("repair")
+def _repair(a: argparse.Namespace) -> int:
+    from ..unlearning import repair
+
+    report = repair(a.run, a.shards or None, wait_s=a.wait, runtime=a.runtime)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    elif report["checkpoints_rebuilt"] or report["deletions_replayed"]:
+        print(
+            f"rebuilt {len(report['checkpoints_rebuilt'])} checkpoint(s): "
+            f"{', '.join(report['checkpoints_rebuilt']) or 'none'}; retrained shard(s) "
+            f"{report['shards_retrained']}; generation {report['generation']} ({report['seconds']} s)"
+        )
+    else:
+        print(f"nothing to repair: every file of shard(s) {report['shards_checked']} verified")
+    return 0
+
+
+# -- serving handlers --
+
+
+@command("serve")
+def _serve(a: argparse.Namespace) -> int:
+    from ..serving.app import resolve_token, serve
+    from ..serving.schema import ServerSettings
+
+    token = resolve_token(a.token_file)
+    settings = ServerSettings(token=token, max_batch=a.max_batch, max_body_bytes=a.max_body_bytes)
+    return serve(a.run, host=a.host, port=a.port, settings=settings.validate(), runtime=a.runtime)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sisa: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except SisaError as exc:
+        reason = str(exc).replace("\n  - ", "; ").replace("\n", " ")
+        print(f"sisa: error: {reason}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("sisa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

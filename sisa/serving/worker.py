@@ -1,0 +1,181 @@
+"""The server's deletion worker: ONE thread that applies accepted deletions in arrival order.
+
+Each :class:`DeletionJob` is one ``POST /deletions``: validated and journaled when its turn comes (through
+:func:`sisa.unlearning.delete`, whose ``on_ack`` hook excludes the affected shards from serving before the 202 goes
+out), then retrained. A retrain that fails after the acknowledgement is replayed with backoff.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..store.journal import new_request_id
+from ..unlearning import delete, recover
+
+if TYPE_CHECKING:
+    from .state import ServingState
+
+log = logging.getLogger("sisa.serving.state")
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # replaying an accepted deletion whose retrain failed: first wait, cap
+
+
+@dataclass
+class DeletionJob:
+    """One POST /deletions, from the queue to its decision (accepted / already deleted / rejected)."""
+
+    record_ids: list
+    subject_ids: list
+    request_id: str = field(default_factory=new_request_id)
+    decided: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    cancelled: bool = False
+    entry: dict | None = None  # the journal entry, once acknowledged
+    result: dict | None = None  # the receipt when nothing was journaled (already deleted)
+    error: Exception | None = None  # raised before the journal entry: nothing changed
+
+
+class DeletionWorker:
+    """ONE thread that applies deletions in arrival order (the run has one writer; order is the contract).
+
+    An accepted deletion whose retrain fails (a full disk, an unreachable cluster) stays journaled and its shards
+    stay out; the worker replays it after RETRY_FIRST_S, doubling the wait up to RETRY_MAX_S while it keeps
+    failing, so the shards come back without a restart or another deletion."""
+
+    def __init__(self, state: ServingState):
+        self.state = state
+        self._queue: queue.Queue[DeletionJob | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._retry_at: float | None = None  # monotonic time of the next replay of failed deletions
+        self._retry_delay = RETRY_FIRST_S
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="sisa-deletions", daemon=True)
+                self._thread.start()
+
+    def submit(self, job: DeletionJob) -> None:
+        self.start()
+        self._queue.put(job)
+
+    def cancel(self, job: DeletionJob) -> bool:
+        """Withdraw a job that has not started (nothing was changed); False when it already runs."""
+        with self._lock:
+            if job.started:
+                return False
+            job.cancelled = True
+            return True
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        _warm_up()
+        while True:
+            wait = None if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
+            try:
+                job = self._queue.get(timeout=wait)
+            except queue.Empty:
+                self._retry()
+                continue
+            if job is None:
+                return
+            with self._lock:
+                if job.cancelled:
+                    continue
+                job.started = True
+            try:
+                self._run(job)
+            except BaseException as exc:  # keep serving; the decision must never hang
+                log.exception("deletion worker: unexpected failure")
+                job.error = job.error or exc
+            finally:
+                job.decided.set()
+
+    def _run(self, job: DeletionJob) -> None:
+        state = self.state
+
+        def on_ack(entry: dict) -> None:
+            job.entry = entry
+            state.exclude(entry["request_id"], {int(s) for s in entry["shards"]})
+            job.decided.set()  # only now may the 202 go out: accepted implies excluded
+
+        try:
+            receipt = delete(
+                state.run.root,
+                job.record_ids,
+                job.subject_ids,
+                wait_s=state.settings.delete_wait_s,
+                on_ack=on_ack,
+                request_id=job.request_id,
+                runtime=state.run.runtime,
+            )
+        except Exception as exc:
+            if job.entry is None:
+                job.error = exc  # validated and refused: nothing changed
+                return
+            state.errors[job.request_id] = f"{type(exc).__name__}: {exc}"
+            log.exception("deletion %s accepted but not applied yet; its shards stay out", job.request_id)
+            self._schedule_retry()
+            return
+        if job.entry is None:
+            job.result = receipt
+        else:
+            state.errors.pop(job.request_id, None)
+            state.applied(job.request_id)
+        self._settle()  # a deletion replays every earlier pending one first
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
+
+    def _retry(self) -> None:
+        """Replay the deletions that were accepted but failed; back off while it keeps failing."""
+        try:
+            recover(self.state.run)
+        except Exception as exc:
+            for request_id in self.state.errors:
+                self.state.errors[request_id] = f"{type(exc).__name__}: {exc} (retrying)"
+            log.warning(
+                "replaying failed deletions failed again (next try in %.0f s): %s", self._retry_delay, exc
+            )
+        self._retry_at = None
+        if not self._settle():
+            self._schedule_retry()
+
+    def _settle(self) -> bool:
+        """Forget the errors of requests the journal shows applied; True when none is left pending."""
+        state = self.state
+        pending = {e["request_id"] for e in state.journal.pending()}
+        for request_id in [r for r in state.errors if r not in pending]:
+            del state.errors[request_id]
+            state.applied(request_id)
+        if not pending:
+            self._retry_at, self._retry_delay = None, RETRY_FIRST_S
+        return not pending
+
+
+def _warm_up() -> None:
+    """Import what the first retrain would (deterministic mode pulls in torch._dynamo: 1.5-3 s here), so the
+    first accepted deletion does not keep its shards out of serving for that long."""
+    try:
+        importlib.import_module("torch._inductor")
+    except Exception as exc:  # only an optimisation
+        log.debug("warm-up import failed: %s", exc)

@@ -1,0 +1,152 @@
+"""The persistent record index: where every active record lives, and tombstones for deleted ones.
+
+Stored as ``index.parquet`` (active records) and ``tombstones.parquet`` (deleted ones), each replaced atomically.
+Active rows carry ``record_id`` (and ``subject_id`` when subjects are configured), ``shard``, ``slice`` and the
+in-shard ``order`` key. Deleted records keep only a keyed hash (HMAC-SHA256 with the run's secret) of their ID and
+the deletion request id, so "already deleted" can be answered without keeping the ID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..sharding import canonical_keys
+from .files import read_parquet, write_parquet
+
+ACTIVE_COLUMNS = ["record_id", "subject_id", "shard", "slice", "order"]
+TOMBSTONE_COLUMNS = ["id_hash", "kind", "request_id"]
+
+
+def keyed_id_hashes(ids, secret: bytes, kind: str = "record") -> list[str]:
+    """HMAC-SHA256 (hex) of each ID under the run's secret; ``kind`` separates record and subject IDs."""
+    prefix = f"{kind}:".encode()
+    return [hmac.new(secret, prefix + b, hashlib.sha256).hexdigest() for b in canonical_keys(ids)]
+
+
+def coerce_ids(requested: list, like: pd.Series) -> list:
+    """Convert requested IDs (often strings from a CLI or JSON) to the index's ID type where they parse."""
+    if pd.api.types.is_integer_dtype(like):
+        out = []
+        for v in requested:
+            if isinstance(v, (bool, np.bool_)) or (isinstance(v, float) and not v.is_integer()):
+                out.append(str(v))  # True or 3.7 is no integer ID (int() would turn them into 1 and 3)
+                continue
+            try:
+                out.append(int(v))
+            except (TypeError, ValueError):
+                out.append(str(v))
+        return out
+    return [str(v) for v in requested]
+
+
+@dataclass
+class RecordIndex:
+    active: pd.DataFrame  # ACTIVE_COLUMNS, one row per live record
+    tombstones: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TOMBSTONE_COLUMNS))
+    has_subjects: bool = False
+
+    @classmethod
+    def build(cls, record_ids: pd.Series, placement: pd.DataFrame, subjects: pd.Series | None) -> RecordIndex:
+        active = pd.DataFrame(
+            {
+                "record_id": record_ids.reset_index(drop=True),
+                "subject_id": (
+                    subjects.reset_index(drop=True)
+                    if subjects is not None
+                    else pd.Series([None] * len(record_ids), dtype="string")
+                ),
+                "shard": placement["shard"].to_numpy(np.int32),
+                "slice": placement["slice"].to_numpy(np.int32),
+                "order": placement["order"].to_numpy(np.uint64),
+            }
+        )
+        return cls(active=active, tombstones=_empty_tombstones(), has_subjects=subjects is not None)
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> dict[str, str]:
+        """Write ``index.parquet`` (active) and ``tombstones.parquet`` beside it; return their SHA-256s.
+
+        Tombstones go first: a crash in between leaves records both tombstoned and active, which the journal's
+        replay resolves by removing them again (the operation is idempotent)."""
+        path = Path(path)
+        tomb = self.tombstones.astype({c: "string" for c in TOMBSTONE_COLUMNS})
+        t_sha = write_parquet(path.with_name(TOMBSTONES_FILE), tomb)
+        return {TOMBSTONES_FILE: t_sha, path.name: write_parquet(path, self.active[ACTIVE_COLUMNS])}
+
+    @classmethod
+    def load(
+        cls, path: Path, sha256: dict[str, str] | None = None, has_subjects: bool = False
+    ) -> RecordIndex:
+        path = Path(path)
+        sha256 = sha256 or {}
+        active = read_parquet(path, sha256.get(path.name))
+        for col, dt in (("shard", np.int32), ("slice", np.int32), ("order", np.uint64)):
+            active[col] = active[col].astype(dt)
+        t_path = path.with_name(TOMBSTONES_FILE)
+        tomb = read_parquet(t_path, sha256.get(TOMBSTONES_FILE)) if t_path.exists() else _empty_tombstones()
+        return cls(active=active, tombstones=tomb, has_subjects=has_subjects)
+
+    # ---- lookups ----------------------------------------------------------------------------------------------
+    def positions_of(self, ids: list, column: str = "record_id") -> np.ndarray:
+        """Positions in ``active`` of each requested ID (vectorised; -1 when not active).
+
+        For ``subject_id`` a subject has many rows: returns positions of every row of the requested subjects."""
+        col = self.active[column]
+        wanted = coerce_ids(ids, col)
+        if column == "record_id":
+            return pd.Index(col).get_indexer(pd.Index(wanted, dtype=object if not wanted else None))
+        mask = col.isin(wanted).to_numpy()
+        return np.flatnonzero(mask)
+
+    def unknown(self, ids: list, column: str = "record_id") -> list:
+        col = self.active[column]
+        present = set(pd.unique(col[col.isin(coerce_ids(ids, col))]).tolist())
+        return [i for i, c in zip(ids, coerce_ids(ids, col), strict=True) if c not in present]
+
+    def already_deleted(self, ids: list, secret: bytes, kind: str = "record") -> list:
+        if not ids or not len(self.tombstones):
+            return []
+        known = set(self.tombstones.loc[self.tombstones["kind"] == kind, "id_hash"])
+        hashes = keyed_id_hashes(coerce_ids(ids, self.active[f"{kind}_id"]), secret, kind)
+        return [i for i, h in zip(ids, hashes, strict=True) if h in known]
+
+    # ---- mutation ---------------------------------------------------------------------------------------------
+    def remove(
+        self, positions: np.ndarray, secret: bytes, request_id: str, subject_hashes: list[str] | None = None
+    ) -> None:
+        """Drop the rows at ``positions`` and tombstone their IDs (and the given subject hashes) by keyed hash."""
+        gone = self.active.iloc[positions]
+        hashes = keyed_id_hashes(list(gone["record_id"]), secret, "record")
+        rows = [pd.DataFrame({"id_hash": hashes, "kind": "record", "request_id": request_id})]
+        if subject_hashes:
+            rows.append(
+                pd.DataFrame({"id_hash": list(subject_hashes), "kind": "subject", "request_id": request_id})
+            )
+        self.tombstones = pd.concat([self.tombstones, *rows], ignore_index=True).drop_duplicates("id_hash")
+        keep = np.ones(len(self.active), dtype=bool)
+        keep[positions] = False
+        self.active = self.active.loc[keep].reset_index(drop=True)
+
+    def shard_rows(self, shard: int) -> pd.DataFrame:
+        """The shard's active rows in training order: by (slice, order key, record ID)."""
+        rows = self.active.loc[self.active["shard"] == shard]
+        return rows.sort_values(["slice", "order", "record_id"], kind="stable").reset_index(drop=True)
+
+    def counts(self, shards: int, slices: int) -> np.ndarray:
+        """[shards, slices] matrix of active record counts."""
+        m = np.zeros((shards, slices), dtype=np.int64)
+        np.add.at(m, (self.active["shard"].to_numpy(), self.active["slice"].to_numpy()), 1)
+        return m
+
+
+TOMBSTONES_FILE = "tombstones.parquet"
+
+
+def _empty_tombstones() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype="string") for c in TOMBSTONE_COLUMNS})

@@ -1,0 +1,111 @@
+"""The write-ahead deletion journal.
+
+A deletion request is written (status ``pending``) and fsynced before anything else changes: from then on it is
+acknowledged and can never be lost. It is replayed to completion by the next sisa command after a crash, then
+marked ``applied`` with its receipt. Entries hold keyed hashes (HMAC-SHA256 with the run's secret) of the
+record and subject IDs, never the IDs or any record data.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .files import atomic_write_json, read_json
+
+PENDING, APPLIED = "pending", "applied"
+
+
+def new_request_id() -> str:
+    return f"del-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+
+
+class Journal:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, request_id: str) -> Path:
+        return self.folder / f"{request_id}.json"
+
+    def begin(
+        self,
+        request_id: str,
+        id_hashes: list[str],
+        subject_hashes: list[str],
+        shards: dict[int, int],
+        records: int,
+        before: dict[int, str],
+        extra: dict | None = None,
+    ) -> dict:
+        """Write the pending entry durably; returns it. This is the moment of acknowledgement."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "request_id": request_id,
+            "status": PENDING,
+            "created": time.time(),
+            "id_hashes": sorted(id_hashes),
+            "subject_hashes": sorted(subject_hashes),
+            "shards": {str(s): int(k) for s, k in sorted(shards.items())},
+            "records": int(records),
+            "before": {str(s): fp for s, fp in before.items()},
+            **(extra or {}),
+        }
+        atomic_write_json(self.path(request_id), entry)
+        return entry
+
+    def stage(self, entry: dict, files: dict[str, str]) -> dict:
+        """Record (durably, still pending) the SHA-256 of files this request is about to write, before writing them.
+
+        A file read while the request is pending is then accepted only as the manifest's version or the staged
+        one, so a torn or corrupted file is never mistaken for the result of an interrupted deletion."""
+        staged = {**entry, "staged": {**entry.get("staged", {}), **files}}
+        atomic_write_json(self.path(entry["request_id"]), staged)
+        return staged
+
+    def staged(self) -> dict[str, set[str]]:
+        """Checksums staged by pending requests, per run-relative file name."""
+        out: dict[str, set[str]] = {}
+        for e in self.pending():
+            for name, sha in e.get("staged", {}).items():
+                out.setdefault(name, set()).add(sha)
+        return out
+
+    def complete(self, entry: dict, receipt: dict) -> dict:
+        done = {**entry, "status": APPLIED, "applied": time.time(), "receipt": receipt}
+        atomic_write_json(self.path(entry["request_id"]), done)
+        return done
+
+    def get(self, request_id: str) -> dict | None:
+        p = self.path(request_id)
+        return read_json(p) if p.is_file() else None
+
+    def entries(self) -> list[dict]:
+        if not self.folder.is_dir():
+            return []
+        out = [_read_entry(p) for p in self.folder.glob("del-*.json")]
+        return sorted(out, key=lambda e: (e["created"], e["request_id"]))
+
+    def pending(self) -> list[dict]:
+        return [e for e in self.entries() if e["status"] == PENDING]
+
+    def pending_shards(self) -> set[int]:
+        """Shards that must not serve: some acknowledged deletion touching them is not yet applied."""
+        return {int(s) for e in self.pending() for s in e["shards"]}
+
+
+# Parsed entries keyed by path and (inode, mtime, size): every write replaces the file (new inode), so a hit is
+# the same bytes. Serving checks pending deletions on every request; this keeps that O(files) stat calls.
+_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
+
+
+def _read_entry(path: Path) -> dict:
+    st = path.stat()
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    entry = read_json(path)
+    _CACHE[str(path)] = (key, entry)
+    return entry

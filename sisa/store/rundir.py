@@ -1,0 +1,210 @@
+"""The run directory: its layout and the typed reads and writes of each file in it.
+
+```
+runs/<name>/
+  config.yaml                resolved config, frozen at train (+ config.digest)
+  secret.key                 per-run key for keyed hashes of deleted IDs (HMAC-SHA256)
+  index.parquet              active records: ID, subject, shard, slice, in-shard order key
+  tombstones.parquet         deleted records and subjects: keyed hash (HMAC) and request id only
+  data/shard-SSS.parquet     the shard's rows in training order (deleted rows purged)
+  checkpoints/shard-SSS/slice-KKK-<fingerprint16>/   see sisa.store.checkpoints
+  manifest.json              the live generation: per shard, its checkpoint chain; checksums of data files
+  journal/<request>.json     deletion requests: pending -> applied, with receipts (keyed hashes only)
+  lock                       the writer lock (flock)
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..config import Config
+from ..exceptions import IntegrityError, RunStateError
+from ..train.shard import ShardData
+from .files import atomic_write_bytes, atomic_write_json, read_json, read_parquet, write_parquet
+from .index import TOMBSTONES_FILE, RecordIndex
+from .journal import Journal
+
+MANIFEST_FORMAT = "sisa-manifest/1"
+META_COLUMNS = ["_record_id", "_label", "_slice", "_order"]
+
+
+class RunDir:
+    """Typed access to one run directory. Holds paths and the frozen config; no training logic.
+
+    ``runtime``: ``section.key=value`` overrides of this process's runtime keys (:meth:`Config.with_runtime`:
+    workers, cluster, lanes, progress), applied whenever the config is read; the frozen file is never changed."""
+
+    def __init__(self, root: str | Path, runtime: list[str] | tuple[str, ...] = ()):
+        self.root = Path(root)
+        self.runtime = tuple(runtime)
+
+    # ---- paths ------------------------------------------------------------------------------------------------
+    config_path = property(lambda self: self.root / "config.yaml")
+    secret_path = property(lambda self: self.root / "secret.key")
+    index_path = property(lambda self: self.root / "index.parquet")
+    manifest_path = property(lambda self: self.root / "manifest.json")
+    journal_dir = property(lambda self: self.root / "journal")
+    checkpoint_root = property(lambda self: self.root / "checkpoints")
+    data_dir = property(lambda self: self.root / "data")
+
+    def data_path(self, shard: int) -> Path:
+        return self.data_dir / f"shard-{shard:03d}.parquet"
+
+    def shard_checkpoints(self, shard: int) -> Path:
+        return self.checkpoint_root / f"shard-{shard:03d}"
+
+    # ---- creation ---------------------------------------------------------------------------------------------
+    def create(self, config: Config) -> None:
+        """Lay out a new run: folders, frozen config, a fresh secret. Refuses a folder holding another run."""
+        if self.config_path.exists():
+            raise RunStateError(f"{self.root} already holds a run; choose another --run folder or delete it")
+        if self.root.exists() and any(p.name != "lock" for p in self.root.iterdir()):
+            raise RunStateError(f"{self.root} exists and is not empty; choose an empty or new --run folder")
+        for d in (self.root, self.data_dir, self.checkpoint_root, self.journal_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.secret_path, secrets.token_bytes(32))
+        os.chmod(self.secret_path, 0o600)
+        self.write_config(config)
+
+    def write_config(self, config: Config) -> None:
+        header = f"# resolved sisa config; digest {config.digest()}\n"
+        atomic_write_bytes(self.config_path, (header + config.to_yaml()).encode())
+
+    # ---- reads ------------------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise RunStateError(
+                f"{self.root} is not a sisa run (no config.yaml); create one with `sisa train`"
+            )
+
+    def config(self) -> Config:
+        self.require()
+        config = Config.from_dict(_read_yaml(self.config_path))
+        return config.with_runtime(self.runtime) if self.runtime else config
+
+    def secret(self) -> bytes:
+        data = self.secret_path.read_bytes()
+        if len(data) != 32:
+            raise IntegrityError(self.secret_path, "secret key must be 32 bytes")
+        return data
+
+    def manifest(self) -> dict | None:
+        if not self.manifest_path.is_file():
+            return None
+        m = read_json(self.manifest_path)
+        if m.get("format") != MANIFEST_FORMAT:
+            raise IntegrityError(self.manifest_path, f"unknown manifest format {m.get('format')!r}")
+        return m
+
+    def require_manifest(self) -> dict:
+        self.require()
+        m = self.manifest()
+        if m is None:
+            raise RunStateError(
+                f"{self.root}: training has not finished (no manifest.json); "
+                "run `sisa train --resume` to complete it"
+            )
+        return m
+
+    def read_generation(self, load, attempts: int = 5):
+        """``load(manifest)`` on one whole live generation, e.g. ``Ensemble.from_manifest``.
+
+        A writer deletes the checkpoints of the generation it replaces right after swapping the manifest, so a
+        reader that read the old manifest just before may find one gone (IntegrityError). Then it reads the new
+        manifest and loads again; an error under an unchanged manifest is real and is raised."""
+        for _ in range(attempts):
+            manifest = self.require_manifest()
+            try:
+                return load(manifest)
+            except IntegrityError:
+                if self.require_manifest().get("generation") == manifest.get("generation"):
+                    raise
+        raise RunStateError(f"{self.root}: the run changed {attempts} times while loading; try again")
+
+    def index(self, verify: bool = True) -> RecordIndex:
+        has_subjects = bool(self.config().data.subject_column)
+        if not verify:
+            return RecordIndex.load(self.index_path, None, has_subjects=has_subjects)
+        return self._verified_read(
+            lambda accepted: RecordIndex.load(self.index_path, accepted, has_subjects=has_subjects),
+            [self.index_path.name, TOMBSTONES_FILE],
+        )
+
+    def shard_frame(self, shard: int, verify: bool = True) -> pd.DataFrame:
+        rel = f"data/shard-{shard:03d}.parquet"
+        if not verify:
+            return read_parquet(self.data_path(shard), None)
+        return self._verified_read(
+            lambda accepted: read_parquet(self.data_path(shard), accepted.get(rel)), [rel]
+        )
+
+    def accepted_checksums(self, names: list[str], staged: bool = True) -> dict[str, set[str]]:
+        """Acceptable SHA-256s per run-relative file: the manifest's, plus any staged by a pending deletion.
+
+        A file the manifest does not name (a run whose first training has not finished) has no entry."""
+        m = self.manifest()
+        files = (m or {}).get("files", {})
+        extra = Journal(self.journal_dir).staged() if staged else {}
+        return {n: {files[n], *extra.get(n, ())} for n in names if n in files}
+
+    def _verified_read(self, read, names: list[str]):
+        """Read with checksums: the manifest's first; on a mismatch, also those of pending deletions, re-read.
+
+        A writer stages a checksum before writing the file and swaps the manifest before completing the request,
+        so a reader that saw the new file also sees the new checksum when it looks again."""
+        accepted = self.accepted_checksums(names, staged=False)
+        for _ in range(3):
+            try:
+                return read(accepted)
+            except IntegrityError:
+                again = self.accepted_checksums(names)
+                if again == accepted:
+                    raise
+                accepted = again
+        return read(accepted)
+
+    # ---- writes -----------------------------------------------------------------------------------------------
+    def write_index(self, index: RecordIndex) -> dict[str, str]:
+        return index.save(self.index_path)
+
+    def write_shard_frame(self, shard: int, frame: pd.DataFrame) -> str:
+        return write_parquet(self.data_path(shard), frame)
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, {**manifest, "format": MANIFEST_FORMAT})
+
+
+def shard_data(frame: pd.DataFrame, feature_names: list[str], slices: int) -> ShardData:
+    """Arrays for training from a shard frame already in training order."""
+    slice_col = frame["_slice"].to_numpy(np.int64)
+    return ShardData(
+        features=np.ascontiguousarray(frame[feature_names].to_numpy(np.float32)),
+        labels=frame["_label"].to_numpy(np.int64),
+        slice_ends=np.searchsorted(slice_col, np.arange(slices), side="right").astype(np.int64),
+    )
+
+
+_YAML_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
+
+
+def _read_yaml(path: Path) -> dict:
+    """Parse a run's frozen config.yaml once per process (C loader; re-read when the file is replaced)."""
+    st = path.stat()
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _YAML_CACHE.get(str(path))
+    if hit is None or hit[0] != key:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        hit = (key, yaml.load(path.read_text(), Loader=loader))  # noqa: S506 - a safe loader
+        _YAML_CACHE[str(path)] = hit
+    return copy.deepcopy(hit[1])

@@ -1,0 +1,1 @@
+"""Tables as users bring them: reading CSV/Parquet/NPZ, validating them against the config, bundled datasets."""
