@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from sisa.config import Config  # noqa: E402
-from sisa.fitting import create_run, plan, train, train_spec  # noqa: E402
+from sisa.fitting import create_run, resolve_config, train  # noqa: E402
+from sisa.refresh import plan, train_spec  # noqa: E402
 from sisa.store.rundir import RunDir  # noqa: E402
 from sisa.tables.datasets import make_purchase  # noqa: E402
 from sisa.tables.table import validate_table  # noqa: E402
@@ -60,7 +61,7 @@ def train_throughput(config: Config, df, workdir: Path, repeats: int = 3) -> dic
     """Samples per second of the executor training every shard of a fresh run (best of ``repeats``: the
     development machine is shared, so the fastest repeat is the least disturbed one)."""
     table = validate_table(df, config.data, "benchmark data")
-    run = create_run(workdir, config, table)
+    run = create_run(workdir, resolve_config(config, table), table)
     config = run.config()
     jobs, data, _ = plan(run, config, list(range(config.sharding.shards)))
     spec = train_spec(run, config)

@@ -16,12 +16,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sisa.aggregation import Ensemble  # noqa: E402
 from sisa.config import Config, TrainingConfig  # noqa: E402
-from sisa.fitting import create_run, plan, train_spec  # noqa: E402
+from sisa.fitting import create_run, resolve_config  # noqa: E402
+from sisa.refresh import plan, train_spec  # noqa: E402
 from sisa.train.executors import run_jobs  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 from sisa.train.optim import Optimizer  # noqa: E402
 from sisa.train.shard import ShardData, ShardJob, TrainSpec, train_shard  # noqa: E402
-from sisa.train.stacking import available_cores  # noqa: E402
+from sisa.train.units import available_cores  # noqa: E402
 
 
 # ---- framework overhead ----------------------------------------------------------------------------------------
@@ -81,9 +82,9 @@ def _minimal_loop(X: np.ndarray, y: np.ndarray, epochs: float, optimizer: str) -
 # ---- parallel and stacked training -----------------------------------------------------------------------------
 def parallel(s: Setup, work: Path, df, out: dict) -> None:
     n = s.n * s.par_shards // s.shards  # keep D = N/S of the speedup section
-    run = create_run(
-        work / "parallel", config(s.par_shards, 1, s.epochs, executor="loop"), _table(df.iloc[:n])
-    )
+    table = _table(df.iloc[:n])
+    cfg = config(s.par_shards, 1, s.epochs, executor="loop")
+    run = create_run(work / "parallel", resolve_config(cfg, table), table)
     cfg = run.config()
     jobs, data, _ = plan(run, cfg, list(range(s.par_shards)))
     base = train_spec(run, cfg)

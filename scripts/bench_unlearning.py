@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from sisa import costs  # noqa: E402
 from sisa.aggregation import Ensemble  # noqa: E402
-from sisa.fitting import evaluate, train  # noqa: E402
+from sisa.evaluation import evaluate  # noqa: E402
+from sisa.fitting import train  # noqa: E402
 from sisa.store.rundir import RunDir  # noqa: E402
 from sisa.tables.datasets import PURCHASE_BENCH_FLIP, make_purchase  # noqa: E402
 from sisa.unlearning import delete  # noqa: E402
@@ -192,7 +193,7 @@ def _cli_deletion(root: Path, rng) -> float:
 
 
 def _evaluate_overhead(run: RunDir, work: Path, df) -> float:
-    """What refresh adds to every deletion when the config names a test table (fitting.evaluate)."""
+    """What refresh adds to every deletion when the config names a test table (sisa.evaluation.evaluate)."""
     test_path = work / "test.parquet"
     df.iloc[:4096].to_parquet(test_path)
     cfg = run.config()

@@ -20,6 +20,7 @@ from torch import nn
 from .config import Config
 from .exceptions import DataError, RunStateError
 from .store.checkpoints import load_checkpoint
+from .store.rundir import RunDir
 from .train.models import build_model
 from .train.stacked_models import ShardStack, batched_forward, module_tensors
 
@@ -66,7 +67,7 @@ class Ensemble:
             if s in exclude or entry["records"] == 0:
                 continue
             name = entry["checkpoints"][-1]
-            ck = load_checkpoint(Path(root) / "checkpoints" / f"shard-{s:03d}" / name, entry["fingerprint"])
+            ck = load_checkpoint(RunDir(root).shard_checkpoints(s) / name, entry["fingerprint"])
             model = build_model(config.model, n_features, len(config.data.classes), 0)
             model.load_state_dict(ck.model)
             models[s] = model.to(device).eval()

@@ -17,11 +17,12 @@ from .aggregation import Ensemble
 from .config import Config
 from .exceptions import RunStateError
 from .fitting import train
+from .session import reader_session
 from .sharding import imbalance
 from .store.journal import Journal
 from .store.rundir import RunDir
 from .tables.table import Table, features_for_prediction
-from .unlearning import delete, recover
+from .unlearning import delete
 
 
 class SisaClassifier:
@@ -67,10 +68,7 @@ class SisaClassifier:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> SisaClassifier:
-        run = RunDir(run_dir)
-        run.require_manifest()
-        recover(run)
-        return cls(run.config(), run_dir=run_dir)
+        return cls(reader_session(run_dir).config(), run_dir=run_dir)
 
     # ---- inference --------------------------------------------------------------------------------------------
     @property

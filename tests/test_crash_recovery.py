@@ -74,7 +74,6 @@ def setup(tmp_path_factory) -> Setup:
 # One or more crash moments per phase of a deletion: (pattern, which occurrences; None = all).
 PHASES = [
     (r"(write|torn|replace|replaced):journal/", [0, 1, 2, 3]),  # around the acknowledgement
-    (r"remove:\.tmp-index/", [0]),  # the index being prepared in scratch
     (r"replaced:journal/", [1]),  # checksums staged in the journal
     (r"replaced:tombstones\.parquet$", [0]),  # between the two index files
     (r"torn:index\.parquet$", [0]),

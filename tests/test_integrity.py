@@ -13,11 +13,12 @@ from sisa.aggregation import Ensemble
 from sisa.cli import main as cli
 from sisa.estimator import SisaClassifier, run_status
 from sisa.exceptions import IntegrityError, UnrepairableError
+from sisa.repair import repair
 from sisa.store.checkpoints import load_checkpoint
 from sisa.store.journal import Journal
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
-from sisa.unlearning import delete, repair
+from sisa.unlearning import delete
 from tests.conftest import assert_runs_identical, small_config, train_run
 
 CONFIG = small_config(sharding={"shards": 2, "slices": 3}, model={"hidden": [8]}, training={"epochs": 1})

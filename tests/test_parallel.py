@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from sisa.fitting import plan, train, train_spec
+from sisa.fitting import train
+from sisa.refresh import plan, train_spec
 from sisa.train.executors import run_jobs, work_units
 from sisa.unlearning import delete
 

@@ -11,7 +11,7 @@ from sisa.config import RUNTIME_KEYS
 from sisa.exceptions import ConfigError
 from sisa.fitting import train
 from sisa.serving import worker as serving_worker
-from sisa.serving.state import ServingState
+from sisa.serving.server import Server
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
@@ -122,14 +122,14 @@ def test_the_server_retrains_with_its_runtime_keys(base, monkeypatch):
     seen = []
     real = serving_worker.delete
     monkeypatch.setattr(serving_worker, "delete", lambda *a, **k: seen.append(k["runtime"]) or real(*a, **k))
-    state = ServingState(base.root, runtime=["training.stack_threads=1"])
+    server = Server(base.root, runtime=["training.stack_threads=1"])
     try:
-        assert state.config.training.stack_threads == 1
+        assert server.state.config.training.stack_threads == 1
         job = serving_worker.DeletionJob(["3"], [])
-        state.worker.submit(job)
+        server.worker.submit(job)
         assert job.decided.wait(60) and job.error is None
     finally:
-        state.close()
+        server.close()
     assert seen == [("training.stack_threads=1",)]
 
 

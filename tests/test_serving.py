@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa import unlearning
+from sisa import session, unlearning
 from sisa.cli.main import main
 from sisa.estimator import SisaClassifier
 from sisa.exceptions import ConfigError
@@ -346,7 +346,8 @@ def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pr
             raise OSError(28, "No space left on device")
         return real(*args, **kw)
 
-    monkeypatch.setattr(unlearning, "apply_entry", flaky)
+    monkeypatch.setattr(unlearning, "apply_entry", flaky)  # the request's own retrain
+    monkeypatch.setattr(session, "apply_entry", flaky)  # the worker's replays
     victim = _ids_in_shards(run_dir, [2])
     with TestClient(create_app(run_dir, ServerSettings(token=TOKEN))) as client:
         r = client.post("/deletions", json={"record_ids": victim}, headers=AUTH)
@@ -439,7 +440,7 @@ def test_start_replays_a_deletion_left_pending_by_a_crash(run_dir):
         unlearning.delete(run_dir, [victim], on_ack=crash)
     assert len(Journal(RunDir(run_dir).journal_dir).pending()) == 1
     with TestClient(create_app(run_dir)) as c:
-        assert c.app.state.sisa.recovered[0]["records_deleted"] == 1
+        assert c.app.state.sisa.state.recovered[0]["records_deleted"] == 1
         st = c.get("/status").json()
         assert (st["generation"], st["deletions_pending"], st["shards_serving"]) == (2, 0, [0, 1, 2, 3])
         assert c.get("/health").json() == {"status": "ok", "generation": 2, "shards_serving": 4}

@@ -94,6 +94,6 @@ def test_fuzzing_left_the_run_consistent(served):
     state.worker.stop()
     run = RunDir(root)
     assert Journal(run.journal_dir).pending() == []
-    assert state.errors == {}
+    assert state.worker.errors == {}
     manifest = run.manifest()
     assert sum(e["records"] for e in manifest["shards"]) == len(run.index().active)

@@ -15,12 +15,14 @@ import torch
 
 from sisa.config import Config, ModelConfig
 from sisa.exceptions import ConfigError
-from sisa.fitting import create_run, plan, train_spec
+from sisa.fitting import create_run, resolve_config
+from sisa.refresh import plan, train_spec
 from sisa.tables.datasets import make_tabular
 from sisa.tables.table import validate_table
-from sisa.train import lockstep, stacking
+from sisa.train import choice, lockstep, stacking, units
 from sisa.train.models import GLOBAL_RNG_LOCK, build_model
-from sisa.train.stacking import available_cores, stack_lanes, train_stacked
+from sisa.train.stacking import stack_lanes, train_stacked
+from sisa.train.units import available_cores
 from tests.conftest import small_config, train_run
 from tests.test_stacking import resolved
 
@@ -41,7 +43,7 @@ def test_lanes_are_threads_training_at_the_same_time(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(lockstep.GroupTrainer, "run", timed_run)
-    monkeypatch.setattr(stacking, "available_cores", lambda: 2)  # lanes are capped at the cores
+    monkeypatch.setattr(units, "available_cores", lambda: 2)  # lanes are capped at the cores
     df = make_tabular(400, seed=3, n_features=5, n_classes=3)
     run = train_run(tmp_path / "run", df, lane_config(stack_threads=2, stack_size=2))
     assert run.config().training.stack_threads == 2
@@ -68,7 +70,8 @@ def _lane_setup(tmp_path, monkeypatch, fail_shard: int | None):
     """A 4-shard run's jobs in 2 lanes whose steps are slowed down; records how each lane's group ended."""
     df = make_tabular(400, seed=3, n_features=5, n_classes=3)
     cfg = lane_config(stack_threads=2, stack_size=2, epochs=20)
-    run = create_run(tmp_path / "run", cfg, validate_table(df, cfg.data, "test data"))
+    table = validate_table(df, cfg.data, "test data")
+    run = create_run(tmp_path / "run", resolve_config(cfg, table), table)
     config = run.config()
     jobs, data, _ = plan(run, config, [0, 1, 2, 3])
     ended: dict[tuple, str] = {}
@@ -93,7 +96,7 @@ def _lane_setup(tmp_path, monkeypatch, fail_shard: int | None):
 
     monkeypatch.setattr(lockstep.GroupTrainer, "_step_exact", slow_step)
     monkeypatch.setattr(lockstep.GroupTrainer, "run", watched_run)
-    monkeypatch.setattr(stacking, "available_cores", lambda: 2)
+    monkeypatch.setattr(units, "available_cores", lambda: 2)
     return train_spec(run, config), jobs, data, ended
 
 
@@ -173,25 +176,25 @@ def test_stack_threads_resolves_to_the_cores_for_exact_stacking_and_stays_out_of
     # lanes do not change a bit in exact mode, so the digest (and every fingerprint) ignores them
     one = resolved(small_config(training={"executor": "stacked", "stack_threads": 1}))
     assert kept.digest() == one.digest()
-    monkeypatch.setitem(stacking.MODES, "cpu", "batched")  # the CUDA rule: one stream, no lanes
+    monkeypatch.setitem(units.MODES, "cpu", "batched")  # the CUDA rule: one stream, no lanes
     assert resolved(small_config(training={"executor": "stacked"})).training.stack_threads == 1
 
 
 def test_memory_budget_is_shared_by_the_lanes():
     training = {"executor": "stacked", "stack_threads": 1, "memory_budget_mb": 64}
     base = resolved(small_config(sharding={"shards": 512}, model={"hidden": [512, 512]}, training=training))
-    assert 4 < stacking.default_stack_size(base) < 512  # the budget binds
+    assert 4 < choice.default_stack_size(base) < 512  # the budget binds
     per_lane = base.with_overrides(["training.stack_threads=4", "training.stack_size=null"])
-    assert stacking.default_stack_size(per_lane) == max(1, stacking.default_stack_size(base) // 4)
+    assert choice.default_stack_size(per_lane) == max(1, choice.default_stack_size(base) // 4)
 
 
 def test_lanes_only_where_this_process_is_the_only_trainer(monkeypatch):
-    monkeypatch.setattr(stacking, "available_cores", lambda: 8)
+    monkeypatch.setattr(units, "available_cores", lambda: 8)
     cfg = small_config(training={"stack_threads": 4})
     assert stack_lanes(cfg, "exact", 10) == 4
-    monkeypatch.setattr(stacking, "available_cores", lambda: 2)  # a run trained on a bigger machine
+    monkeypatch.setattr(units, "available_cores", lambda: 2)  # a run trained on a bigger machine
     assert stack_lanes(cfg, "exact", 10) == 2
-    monkeypatch.setattr(stacking, "available_cores", lambda: 8)
+    monkeypatch.setattr(units, "available_cores", lambda: 8)
     assert stack_lanes(cfg, "exact", 3) == 3  # never more lanes than jobs
     assert stack_lanes(cfg, "batched", 10) == 1  # GPU: one stream of full-width calls
     assert stack_lanes(cfg.with_overrides(["training.n_jobs=2"]), "exact", 10) == 1  # each worker is a lane

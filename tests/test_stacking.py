@@ -24,22 +24,21 @@ from torch import nn
 from sisa.aggregation import Ensemble
 from sisa.config import Config, TrainingConfig
 from sisa.exceptions import ConfigError
-from sisa.fitting import plan, train_spec
+from sisa.refresh import plan, train_spec
 from sisa.store.checkpoints import read_meta
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
-from sisa.train import stacking
-from sisa.train.optim import Optimizer
-from sisa.train.shard import ShardJob
-from sisa.train.stacking import (
+from sisa.train import units
+from sisa.train.choice import (
     CPU_STACKED_MAX_PARAMS,
-    choose_executor,
+    choose_training,
     default_stack_size,
     parameter_count,
-    plan_groups,
     shard_memory_bytes,
-    train_stacked,
 )
+from sisa.train.optim import Optimizer
+from sisa.train.shard import ShardJob
+from sisa.train.stacking import plan_groups, train_stacked
 from sisa.unlearning import delete
 from tests.conftest import feature_matrix, small_config, train_run
 from tests.test_exactness import CASES, delete_and_compare, rows_at
@@ -362,7 +361,7 @@ def test_plan_groups_fixed_slots_for_batched_and_affected_only_for_exact():
 def test_batched_mode_delete_is_exact_with_fixed_slots(tmp_path, monkeypatch, model):
     """The CUDA rule (full-width calls, shards in fixed slots, idle placeholders) run on CPU: still exact, and
     the retrain's checkpoints record the group's full width while only affected shards take steps."""
-    monkeypatch.setitem(stacking.MODES, "cpu", "batched")
+    monkeypatch.setitem(units.MODES, "cpu", "batched")
     df = make_tabular(360, seed=8, n_features=16, n_classes=3)
     models = {
         "mlp": {"hidden": [12], "dropout": 0.2},
@@ -383,7 +382,9 @@ def resolved(cfg: Config, n_features: int = 6, classes=(0, 1, 2)) -> Config:
     out = Config.from_dict(cfg.to_dict())
     out.data.features = [f"x{i}" for i in range(n_features)]
     out.data.classes = list(classes)
-    out.training.executor = choose_executor(out)
+    chosen = choose_training(out)
+    out.training.executor = chosen.executor
+    out.training.stack_threads, out.training.stack_size = chosen.stack_threads, chosen.stack_size
     return out
 
 
@@ -396,13 +397,13 @@ def test_auto_picks_the_faster_executor_per_model_and_device(monkeypatch):
     purchase = small_config(model={"hidden": [128]})
     assert parameter_count(resolved(purchase, 600, range(100))) == 600 * 128 + 128 + 128 * 100 + 100
     assert parameter_count(resolved(purchase, 600, range(100))) > CPU_STACKED_MAX_PARAMS
-    monkeypatch.setattr(stacking, "available_cores", lambda: 1)
+    monkeypatch.setattr(units, "available_cores", lambda: 1)
     assert resolved(purchase, 600, range(100)).training.executor == "loop"
     assert resolved(small_config(model={"name": "cnn"}), 16).training.executor == "loop"
-    monkeypatch.setattr(stacking, "available_cores", lambda: 4)
+    monkeypatch.setattr(units, "available_cores", lambda: 4)
     for cfg in (resolved(purchase, 600, range(100)), resolved(small_config(model={"name": "cnn"}), 16)):
         assert (cfg.training.executor, cfg.training.stack_threads) == ("stacked", 4)
-    monkeypatch.setitem(stacking.MODES, "cpu", "batched")  # the CUDA rule: every model stacks
+    monkeypatch.setitem(units.MODES, "cpu", "batched")  # the CUDA rule: every model stacks
     assert resolved(purchase, 600, range(100)).training.executor == "stacked"
     assert resolved(small_config(model={"name": "cnn"}), 16).training.executor == "stacked"
 
@@ -447,7 +448,7 @@ def test_unstackable_user_module_falls_back_to_loop_with_a_reason(caplog):
 
 def test_random_ops_cannot_be_vmapped_so_batched_mode_falls_back(monkeypatch, caplog):
     """In batched (GPU) mode a user module's dropout would share one random stream across shards: refused."""
-    monkeypatch.setitem(stacking.MODES, "cpu", "batched")
+    monkeypatch.setitem(units.MODES, "cpu", "batched")
     name = "tests.test_stacking:make_bn_net"
     with caplog.at_level(logging.WARNING, logger="sisa"):
         cfg = resolved(small_config(model={"name": name, "options": {"dropout": 0.5}}))

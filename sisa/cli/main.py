@@ -281,10 +281,9 @@ def _print_receipt(r: dict) -> None:
 @command("status")
 def _status(a: argparse.Namespace) -> int:
     from ..estimator import run_status
-    from ..store.rundir import RunDir
-    from ..unlearning import recover
+    from ..session import reader_session
 
-    recover(RunDir(a.run))
+    reader_session(a.run)
     st = run_status(a.run)
     if a.json:
         print(json.dumps(st, indent=1, default=str))
@@ -382,7 +381,7 @@ def _history(a: argparse.Namespace) -> int:
 
 @command("repair")
 def _repair(a: argparse.Namespace) -> int:
-    from ..unlearning import repair
+    from ..repair import repair
 
     report = repair(a.run, a.shards or None, wait_s=a.wait, runtime=a.runtime)
     if a.json:

@@ -33,10 +33,13 @@ import torch
 from ..aggregation import Ensemble
 from ..config import Config
 from ..exceptions import ConfigError, DataError, RunStateError
+from ..fitting import train
+from ..session import reader_session
 from ..sharding import keyed_hash64
 from ..store.index import RecordIndex, coerce_ids, keyed_id_hashes
 from ..store.journal import Journal
 from ..store.rundir import RunDir
+from ..store.shardfile import labels_of, record_ids
 from ..tables.table import Table, read_table, validate_table
 from .attacks import Group, aggregate_log_probs, compare_groups, headline_attack, loss_score, model_log_probs
 from .roc import AttackResult, evaluate_attack
@@ -73,7 +76,7 @@ def member_group(run: RunDir, cfg: Config, ensemble: Ensemble, limit: int, seed:
     for s in ensemble.shards:
         frame = run.shard_frame(s)
         feats.append(frame[cfg.data.features].to_numpy(np.float32))
-        labels.append(frame["_label"].to_numpy(np.int64))
+        labels.append(labels_of(frame))
         target.append(np.full(len(frame), rows[s]))
     keep = _sample(sum(map(len, labels)), limit, seed, "members")
     return Group(np.concatenate(feats)[keep], np.concatenate(labels)[keep], np.concatenate(target)[keep])
@@ -156,11 +159,11 @@ def active_table(run: RunDir, cfg: Config) -> tuple[Table, pd.DataFrame]:
     index = run.index()
     frame = pd.concat([run.shard_frame(s) for s in range(cfg.sharding.shards)], ignore_index=True)
     active = index.active
-    pos = pd.Index(frame["_record_id"]).get_indexer(active["record_id"])
+    pos = pd.Index(record_ids(frame)).get_indexer(active["record_id"])
     frame = frame.iloc[pos].reset_index(drop=True)
     table = Table(
         ids=active["record_id"].reset_index(drop=True),
-        labels=frame["_label"].to_numpy(np.int64),
+        labels=labels_of(frame),
         features=np.ascontiguousarray(frame[cfg.data.features].to_numpy(np.float32)),
         feature_names=list(cfg.data.features),
         classes=list(cfg.data.classes),
@@ -171,8 +174,6 @@ def active_table(run: RunDir, cfg: Config) -> tuple[Table, pd.DataFrame]:
 
 def retrain_from_scratch(run: RunDir, workdir: Path) -> RunDir:
     """Train a fresh run on the run's current records with the same config and placement."""
-    from ..fitting import train
-
     cfg = run.config()
     if cfg.training.device == "cuda" and not torch.cuda.is_available():
         cfg = cfg.with_overrides(["training.device=cpu"])
@@ -213,16 +214,12 @@ def run_audit(
     """Audit the live ensemble of ``root`` (after replaying pending deletions) and, with ``reference``, an
     ensemble retrained from scratch in a temporary folder. Deleted rows are read from ``deleted`` and kept in
     memory only; nothing is written into the run directory except what recovery of pending deletions writes."""
-    from ..unlearning import recover
-
     problems = [f"--max-records: expected an integer >= 10, got {max_records}"] if max_records < 10 else []
     if bootstrap < 0:
         problems.append(f"--bootstrap: expected an integer >= 0, got {bootstrap}")
     if problems:
         raise ConfigError(problems)
-    run = RunDir(root)
-    run.require_manifest()
-    recover(run)
+    run = reader_session(root)
     if Journal(run.journal_dir).pending():
         raise RunStateError(
             f"{run.root}: another process is applying a deletion; audit again when it has finished"

@@ -24,14 +24,14 @@ import pandas as pd
 
 from ..config import Config
 from ..exceptions import ConfigError, DataError
+from ..session import writer_session
 from ..store.checkpoints import checkpoint_name, is_complete, read_meta
-from ..store.files import read_parquet, temp_leftovers, writer_lock
+from ..store.files import read_parquet, temp_leftovers
 from ..store.index import keyed_id_hashes
 from ..store.journal import Journal
-from ..store.rundir import RunDir, shard_data
+from ..store.rundir import RunDir
+from ..store.shardfile import RECORD_ID, data_file, fingerprints, record_ids, shard_data, slices_of
 from ..tables.table import read_table, validate_table
-from ..unlearning import recover
-from .verification import recomputed_chain
 
 # Shorter IDs ("42") occur by chance in any binary file: they are matched as values (Parquet ID columns, JSON).
 MIN_RAW_ID_LENGTH = 6
@@ -74,10 +74,7 @@ def check_erasure(
     ``subjects``: forgotten data-subject IDs (runs with ``data.subject_column``): none may have an active row, and
     every file is searched for them.
     """
-    run = RunDir(root)
-    run.require_manifest()
-    with writer_lock(run.root, wait_s, "verify --erasure"):
-        recover(run, locked=True)
+    with writer_session(root, "verify --erasure", wait_s) as run:
         config, manifest = run.config(), run.require_manifest()
         index, secret = run.index(), run.secret()
         checks = [_check_journal(run, index), _check_tombstones(index, secret), _check_leftovers(run)]
@@ -152,11 +149,11 @@ def _check_data_files(index, frames: dict[int, pd.DataFrame]) -> Check:
     problems = []
     for s, frame in frames.items():
         want = index.active.loc[index.active["shard"] == s, ["record_id", "slice"]]
-        have = frame[["_record_id", "_slice"]].set_axis(["record_id", "slice"], axis=1)
+        have = pd.DataFrame({"record_id": record_ids(frame), "slice": slices_of(frame)})
         a = want.astype(str).sort_values(["record_id", "slice"]).reset_index(drop=True)
         b = have.astype(str).sort_values(["record_id", "slice"]).reset_index(drop=True)
         if not a.equals(b):
-            problems.append(f"data/shard-{s:03d}.parquet holds {len(b)} rows, the index {len(a)} (or others)")
+            problems.append(f"{data_file(s)} holds {len(b)} rows, the index {len(a)} (or others)")
     return _check(
         "data files", problems, f"{len(frames)} shard data file(s) hold exactly the index's records"
     )
@@ -171,7 +168,7 @@ def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict
             problems.append(f"stray folder {folder.relative_to(run.root)}")
             continue
         d = shard_data(frames[shard], config.data.features, config.sharding.slices)
-        fps = recomputed_chain(config, shard, frames[shard], d)
+        fps = fingerprints(config.digest(), shard, frames[shard], d)
         expected = [checkpoint_name(k, fp) for k, fp in enumerate(fps)]
         if entries[shard]["checkpoints"] != expected:
             problems.append(f"shard {shard}: manifest names checkpoints the stored data does not give")
@@ -223,7 +220,7 @@ def _search_ids(run: RunDir, index, secret: bytes, ids: list) -> list[Check]:
     active = set(index.active["record_id"].astype(str))
     not_deleted = [i for i, h in zip(ids, hashes, strict=True) if h not in tomb or str(i) in active]
     done = f"all {len(ids)} ID(s) tombstoned, none active"
-    return _id_checks(run, "ids", ids, not_deleted, done, ("record_id", "_record_id"))
+    return _id_checks(run, "ids", ids, not_deleted, done, ("record_id", RECORD_ID))
 
 
 def _search_subjects(run: RunDir, index, subjects: list) -> list[Check]:
@@ -291,10 +288,10 @@ def _search_rows(run: RunDir, config: Config, frames: dict, rows: dict, ids: lis
     hits, shared = [], 0
     for s, frame in frames.items():
         feats = np.ascontiguousarray(frame[config.data.features].to_numpy(np.float32))
-        for rid, feat in zip(frame["_record_id"].tolist(), feats, strict=True):
+        for rid, feat in zip(record_ids(frame).tolist(), feats, strict=True):
             if feat.tobytes() in wanted:
                 if str(rid) in deleted:
-                    hits.append(f"data/shard-{s:03d}.parquet (row of {rid})")
+                    hits.append(f"{data_file(s)} (row of {rid})")
                 else:
                     shared += 1
     for path in _run_files(run):

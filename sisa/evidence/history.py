@@ -15,9 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..exceptions import ConfigError
+from ..session import reader_session
 from ..store.journal import Journal
-from ..store.rundir import RunDir
-from ..unlearning import recover
 
 COLUMNS = [
     "request_id",
@@ -37,9 +36,7 @@ FORMATS = ("table", "csv", "json")
 
 def deletion_log(root: str | Path) -> list[dict]:
     """Rows of the deletion log, oldest first (replays pending requests first when the run is idle)."""
-    run = RunDir(root)
-    run.require_manifest()
-    recover(run)
+    run = reader_session(root)
     return [_row(e) for e in Journal(run.journal_dir).entries()]
 
 

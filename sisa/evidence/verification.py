@@ -16,18 +16,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from ..config import Config
 from ..exceptions import ConfigError, IncompatibleCheckpointError
-from ..fitting import train_spec
-from ..store.checkpoints import checkpoint_name, fingerprint_chain, load_checkpoint, read_meta
-from ..store.files import writer_lock
-from ..store.rundir import RunDir, shard_data
+from ..refresh import train_spec
+from ..session import writer_session
+from ..store.checkpoints import checkpoint_folder, checkpoint_name, load_checkpoint, read_meta, shard_folder
+from ..store.rundir import RunDir
+from ..store.shardfile import fingerprints, shard_data
 from ..train.executors import run_jobs
 from ..train.shard import ShardJob, device_name
-from ..unlearning import recover
 
 
 # ---- verify: retrain and compare -------------------------------------------------------------------------------
@@ -62,10 +61,7 @@ def verify(
     :class:`IncompatibleCheckpointError` when the live checkpoints were made under a device, torch build, executor
     or (on GPU) stack width other than this process's, because bits are only comparable under the same ones.
     """
-    run = RunDir(root)
-    run.require_manifest()
-    with writer_lock(run.root, wait_s, "verify"):
-        recover(run, locked=True)
+    with writer_session(root, "verify", wait_s) as run:
         config, manifest = run.config(), run.require_manifest()
         shards = select_shards(config, shards)
         entries = {e["shard"]: e for e in manifest["shards"]}
@@ -76,7 +72,7 @@ def verify(
             for s in shards:
                 frame = run.shard_frame(s)  # checksum-verified against the manifest
                 data[s] = shard_data(frame, config.data.features, config.sharding.slices)
-                fps = recomputed_chain(config, s, frame, data[s])
+                fps = fingerprints(config.digest(), s, frame, data[s])
                 jobs.append(ShardJob(s, 0, tuple(fps)))
                 records[s] = len(frame)
             t0 = time.perf_counter()
@@ -98,12 +94,6 @@ def select_shards(config: Config, shards: list[int] | None) -> list[int]:
     if bad:
         raise ConfigError([f"--shard {s}: this run has shards 0..{n - 1}" for s in bad])
     return sorted(set(shards))
-
-
-def recomputed_chain(config: Config, shard: int, frame: pd.DataFrame, d) -> list[str]:
-    """The shard's checkpoint fingerprints, recomputed from its stored data (``d``: its ``shard_data``)."""
-    ids = frame["_record_id"].to_numpy()
-    return fingerprint_chain(config.digest(), shard, ids, d.labels, d.features, d.slice_ends)
 
 
 def _check_environment(run: RunDir, config: Config, entries: dict, shards: list[int]) -> None:
@@ -142,7 +132,7 @@ def _check_stacking(run: RunDir, config: Config, entries: dict, jobs: list[Shard
     for job in jobs:
         for k, name in enumerate(entries[job.shard]["checkpoints"]):
             live = read_meta(run.shard_checkpoints(job.shard) / name)
-            new = read_meta(scratch / f"shard-{job.shard:03d}" / checkpoint_name(k, job.fingerprints[k]))
+            new = read_meta(checkpoint_folder(scratch, job.shard, k, job.fingerprints[k]))
             problems |= {
                 f"{key} {live.get(key)!r} (retrain: {new.get(key)!r})"
                 for key in keys
@@ -160,7 +150,7 @@ def _compare(
         differing.append("checkpoint chain: the manifest names other fingerprints than the stored data gives")
     for k, name in enumerate(entry["checkpoints"]):
         live = load_checkpoint(run.shard_checkpoints(job.shard) / name)
-        new = load_checkpoint(scratch / f"shard-{job.shard:03d}" / names[k], job.fingerprints[k])
+        new = load_checkpoint(shard_folder(scratch, job.shard) / names[k], job.fingerprints[k])
         for part, a, b in (("model", live.model, new.model), ("optimizer", live.optimizer, new.optimizer)):
             for key in sorted(set(a) | set(b)):
                 if key not in a or key not in b or a[key].shape != b[key].shape:

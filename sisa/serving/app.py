@@ -32,6 +32,7 @@ from .schema import (
     request_models,
     validation_problems,
 )
+from .server import Server
 from .state import ServingState
 from .worker import DeletionJob
 
@@ -41,20 +42,21 @@ DESCRIPTION = (
 )
 
 
-def create_app(state: ServingState | str | Path, settings: ServerSettings | None = None) -> FastAPI:
-    """A FastAPI app over one run directory (or an existing :class:`ServingState`)."""
-    if not isinstance(state, ServingState):
-        state = ServingState(state, settings)
+def create_app(server: Server | str | Path, settings: ServerSettings | None = None) -> FastAPI:
+    """A FastAPI app over one run directory (or an existing :class:`Server`)."""
+    if not isinstance(server, Server):
+        server = Server(server, settings)
+    state = server.state
     has_subjects = bool(state.config.data.subject_column)
     PredictRequest, DeletionRequest = request_models(state.feature_names, state.settings, has_subjects)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        state.close()
+        server.close()
 
     app = FastAPI(title="sisa", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.sisa = state
+    app.state.sisa = server
     app.add_middleware(BodyLimit, limit=state.settings.max_body_bytes)
     _error_handlers(app)
     auth = _authorizer(state)
@@ -87,21 +89,21 @@ def create_app(state: ServingState | str | Path, settings: ServerSettings | None
     )
     async def deletions(body: DeletionRequest) -> JSONResponse:
         ids = deletion_ids(body.record_ids, body.subject_ids, has_subjects, state.settings.max_delete_ids)
-        status, payload = await submit_deletion(state, *ids)
+        status, payload = await submit_deletion(server, *ids)
         return JSONResponse(payload, status)
 
     @app.get("/deletions/{request_id}", dependencies=[Depends(auth)], responses=_doc(401, 403, 404))
     def deletion(request_id: str) -> JSONResponse:
-        return JSONResponse(state.deletion(request_id))
+        return JSONResponse(server.deletion(request_id))
 
     @app.get("/status", summary="generation, shards serving / retraining, record counts")
     def status() -> JSONResponse:
-        return JSONResponse(state.status())
+        return JSONResponse(server.status())
 
     @app.get("/health", responses=_doc(503))
     def health() -> JSONResponse:
         snap = state.snapshot()
-        ok = state.worker.alive()
+        ok = server.worker.alive()
         body = {
             "status": "ok" if ok else "deletion worker stopped",
             "generation": snap.generation,
@@ -218,14 +220,14 @@ class BodyLimit:
 
 
 # ---- deletions ----------------------------------------------------------------------------------------------
-async def submit_deletion(state: ServingState, record_ids: list, subject_ids: list) -> tuple[int, dict]:
+async def submit_deletion(server: Server, record_ids: list, subject_ids: list) -> tuple[int, dict]:
     """Queue a deletion and wait (without blocking the event loop) for its decision; (status, body)."""
     job = DeletionJob(record_ids, subject_ids)
-    state.worker.submit(job)
-    deadline = time.monotonic() + state.settings.ack_timeout_s
+    server.worker.submit(job)
+    deadline = time.monotonic() + server.state.settings.ack_timeout_s
     delay = 0.0005
     while not job.decided.is_set():
-        if time.monotonic() > deadline and state.worker.cancel(job):
+        if time.monotonic() > deadline and server.worker.cancel(job):
             raise ApiError(
                 503,
                 "the deletion queue is busy; the request was withdrawn and nothing changed: retry later",
@@ -305,14 +307,15 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise ConfigError([f"serve --port: expected 0..65535, got {port}"])
-    state = ServingState(root, settings, runtime)
-    app = create_app(state)
+    server = Server(root, settings, runtime)
+    state = server.state
+    app = create_app(server)
     # Every retrain sets torch's (process-wide) thread count to training.threads; set it from the start so that
     # serving behaves the same before and after the first deletion. Parallelism comes from lanes instead.
     torch.set_num_threads(state.config.training.threads)
     sock = listen_socket(host, port)
     bound = sock.getsockname()[1]
-    state.worker.start()  # warms up the retrain path before the first deletion arrives
+    server.worker.start()  # warms up the retrain path before the first deletion arrives
     snap = state.snapshot()
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
     print(

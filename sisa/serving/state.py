@@ -31,13 +31,12 @@ from torch import nn
 
 from ..aggregation import Ensemble
 from ..exceptions import SisaError
+from ..session import recover
 from ..store.checkpoints import load_checkpoint
 from ..store.journal import PENDING, Journal
 from ..store.rundir import RunDir
 from ..train.models import build_model
-from ..unlearning import recover
 from .schema import ApiError, ServerSettings
-from .worker import DeletionWorker
 
 log = logging.getLogger("sisa.serving.state")
 RACY_NS = 50_000_000  # a file time this close to "now" may hide a second change in the same clock tick
@@ -136,9 +135,7 @@ class ServingState:
         self._lock = threading.Lock()
         self._models: dict[int, tuple[str, nn.Module]] = {}  # shard -> (checkpoint name, model)
         self._acked: dict[str, frozenset[int]] = {}  # accepted here, not yet applied
-        self.errors: dict[str, str] = {}  # request id -> why its retrain failed (shards stay excluded)
         self._snapshot = self._build()
-        self.worker = DeletionWorker(self)
 
     # ---- snapshots ----------------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -240,7 +237,6 @@ class ServingState:
             "records_deleted": sum(e["records"] for e in entries if e["status"] != PENDING),
             "deletion_requests": len(entries),
             "deletions_pending": sum(e["status"] == PENDING for e in entries),
-            "deletions_queued": self.worker.queued(),
             "deletions_enabled": self.settings.token is not None,
             "model": self.config.model.name,
             "aggregation": self.config.aggregation.method,
@@ -249,7 +245,8 @@ class ServingState:
             "max_batch": self.settings.max_batch,
         }
 
-    def deletion(self, request_id: str) -> dict:
+    def deletion(self, request_id: str, error: str | None = None) -> dict:
+        """A request's status; ``error``: why its retrain failed so far (pending requests only)."""
         entry = self.journal.get(request_id) if REQUEST_ID.match(request_id) else None
         if entry is None:
             raise ApiError(404, f"unknown deletion request {request_id!r}")
@@ -263,9 +260,6 @@ class ServingState:
         if entry["status"] != PENDING:
             out["applied"] = entry.get("applied")
             out["receipt"] = entry.get("receipt")
-        elif request_id in self.errors:
-            out["error"] = self.errors[request_id]
+        elif error is not None:
+            out["error"] = error
         return out
-
-    def close(self) -> None:
-        self.worker.stop()

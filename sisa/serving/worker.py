@@ -13,13 +13,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..store.journal import new_request_id
-from ..unlearning import delete, recover
-
-if TYPE_CHECKING:
-    from .state import ServingState
+from ..session import recover
+from ..store.journal import Journal, new_request_id
+from ..store.rundir import RunDir
+from ..unlearning import delete
 
 log = logging.getLogger("sisa.serving.state")
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # replaying an accepted deletion whose retrain failed: first wait, cap
@@ -40,6 +39,14 @@ class DeletionJob:
     error: Exception | None = None  # raised before the journal entry: nothing changed
 
 
+class ShardGate(Protocol):
+    """What the worker tells the serving side: shards to stop at once, requests applied (serve again)."""
+
+    def exclude(self, request_id: str, shards: set[int]) -> None: ...
+
+    def applied(self, request_id: str) -> None: ...
+
+
 class DeletionWorker:
     """ONE thread that applies deletions in arrival order (the run has one writer; order is the contract).
 
@@ -47,8 +54,10 @@ class DeletionWorker:
     stay out; the worker replays it after RETRY_FIRST_S, doubling the wait up to RETRY_MAX_S while it keeps
     failing, so the shards come back without a restart or another deletion."""
 
-    def __init__(self, state: ServingState):
-        self.state = state
+    def __init__(self, run: RunDir, gate: ShardGate, wait_s: float = 0.0):
+        self.run, self.gate, self.wait_s = run, gate, wait_s
+        self.journal = Journal(run.journal_dir)
+        self.errors: dict[str, str] = {}  # request id -> why its retrain failed (its shards stay excluded)
         self._queue: queue.Queue[DeletionJob | None] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -110,36 +119,34 @@ class DeletionWorker:
                 job.decided.set()
 
     def _run(self, job: DeletionJob) -> None:
-        state = self.state
-
         def on_ack(entry: dict) -> None:
             job.entry = entry
-            state.exclude(entry["request_id"], {int(s) for s in entry["shards"]})
+            self.gate.exclude(entry["request_id"], {int(s) for s in entry["shards"]})
             job.decided.set()  # only now may the 202 go out: accepted implies excluded
 
         try:
             receipt = delete(
-                state.run.root,
+                self.run.root,
                 job.record_ids,
                 job.subject_ids,
-                wait_s=state.settings.delete_wait_s,
+                wait_s=self.wait_s,
                 on_ack=on_ack,
                 request_id=job.request_id,
-                runtime=state.run.runtime,
+                runtime=self.run.runtime,
             )
         except Exception as exc:
             if job.entry is None:
                 job.error = exc  # validated and refused: nothing changed
                 return
-            state.errors[job.request_id] = f"{type(exc).__name__}: {exc}"
+            self.errors[job.request_id] = f"{type(exc).__name__}: {exc}"
             log.exception("deletion %s accepted but not applied yet; its shards stay out", job.request_id)
             self._schedule_retry()
             return
         if job.entry is None:
             job.result = receipt
         else:
-            state.errors.pop(job.request_id, None)
-            state.applied(job.request_id)
+            self.errors.pop(job.request_id, None)
+            self.gate.applied(job.request_id)
         self._settle()  # a deletion replays every earlier pending one first
 
     def _schedule_retry(self) -> None:
@@ -149,10 +156,10 @@ class DeletionWorker:
     def _retry(self) -> None:
         """Replay the deletions that were accepted but failed; back off while it keeps failing."""
         try:
-            recover(self.state.run)
+            recover(self.run)
         except Exception as exc:
-            for request_id in self.state.errors:
-                self.state.errors[request_id] = f"{type(exc).__name__}: {exc} (retrying)"
+            for request_id in self.errors:
+                self.errors[request_id] = f"{type(exc).__name__}: {exc} (retrying)"
             log.warning(
                 "replaying failed deletions failed again (next try in %.0f s): %s", self._retry_delay, exc
             )
@@ -162,11 +169,10 @@ class DeletionWorker:
 
     def _settle(self) -> bool:
         """Forget the errors of requests the journal shows applied; True when none is left pending."""
-        state = self.state
-        pending = {e["request_id"] for e in state.journal.pending()}
-        for request_id in [r for r in state.errors if r not in pending]:
-            del state.errors[request_id]
-            state.applied(request_id)
+        pending = {e["request_id"] for e in self.journal.pending()}
+        for request_id in [r for r in self.errors if r not in pending]:
+            del self.errors[request_id]
+            self.gate.applied(request_id)
         if not pending:
             self._retry_at, self._retry_delay = None, RETRY_FIRST_S
         return not pending

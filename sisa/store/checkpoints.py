@@ -57,6 +57,15 @@ def checkpoint_name(slice_idx: int, fingerprint: str) -> str:
     return f"slice-{slice_idx:03d}-{fingerprint[:16]}"
 
 
+def shard_folder(checkpoint_root: str | Path, shard: int) -> Path:
+    """``checkpoints/shard-SSS``: every checkpoint of one shard."""
+    return Path(checkpoint_root) / f"shard-{shard:03d}"
+
+
+def checkpoint_folder(checkpoint_root: str | Path, shard: int, slice_idx: int, fingerprint: str) -> Path:
+    return shard_folder(checkpoint_root, shard) / checkpoint_name(slice_idx, fingerprint)
+
+
 @dataclass
 class Checkpoint:
     model: dict[str, torch.Tensor]

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from ..sharding import canonical_keys
-from .files import read_parquet, write_parquet
+from .files import atomic_write_bytes, parquet_bytes, read_parquet, sha256_bytes
 
 ACTIVE_COLUMNS = ["record_id", "subject_id", "shard", "slice", "order"]
 TOMBSTONE_COLUMNS = ["id_hash", "kind", "request_id"]
+INDEX_FILE, TOMBSTONES_FILE = "index.parquet", "tombstones.parquet"
 
 
 def keyed_id_hashes(ids, secret: bytes, kind: str = "record") -> list[str]:
@@ -69,15 +70,22 @@ class RecordIndex:
         return cls(active=active, tombstones=_empty_tombstones(), has_subjects=subjects is not None)
 
     # ---- persistence ------------------------------------------------------------------------------------------
+    def to_bytes(self, index_name: str = INDEX_FILE) -> dict[str, bytes]:
+        """The two files' Parquet bytes, in memory, tombstones first (the order :meth:`save` writes them in)."""
+        tomb = self.tombstones.astype({c: "string" for c in TOMBSTONE_COLUMNS})
+        return {TOMBSTONES_FILE: parquet_bytes(tomb), index_name: parquet_bytes(self.active[ACTIVE_COLUMNS])}
+
     def save(self, path: Path) -> dict[str, str]:
         """Write ``index.parquet`` (active) and ``tombstones.parquet`` beside it; return their SHA-256s.
 
         Tombstones go first: a crash in between leaves records both tombstoned and active, which the journal's
         replay resolves by removing them again (the operation is idempotent)."""
         path = Path(path)
-        tomb = self.tombstones.astype({c: "string" for c in TOMBSTONE_COLUMNS})
-        t_sha = write_parquet(path.with_name(TOMBSTONES_FILE), tomb)
-        return {TOMBSTONES_FILE: t_sha, path.name: write_parquet(path, self.active[ACTIVE_COLUMNS])}
+        shas = {}
+        for name, data in self.to_bytes(path.name).items():
+            atomic_write_bytes(path.with_name(name), data)
+            shas[name] = sha256_bytes(data)
+        return shas
 
     @classmethod
     def load(
@@ -143,9 +151,6 @@ class RecordIndex:
         m = np.zeros((shards, slices), dtype=np.int64)
         np.add.at(m, (self.active["shard"].to_numpy(), self.active["slice"].to_numpy()), 1)
         return m
-
-
-TOMBSTONES_FILE = "tombstones.parquet"
 
 
 def _empty_tombstones() -> pd.DataFrame:

@@ -21,19 +21,18 @@ import os
 import secrets
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from ..config import Config
 from ..exceptions import IntegrityError, RunStateError
-from ..train.shard import ShardData
+from .checkpoints import shard_folder
 from .files import atomic_write_bytes, atomic_write_json, read_json, read_parquet, write_parquet
-from .index import TOMBSTONES_FILE, RecordIndex
+from .index import INDEX_FILE, TOMBSTONES_FILE, RecordIndex
 from .journal import Journal
+from .shardfile import data_file
 
 MANIFEST_FORMAT = "sisa-manifest/1"
-META_COLUMNS = ["_record_id", "_label", "_slice", "_order"]
 
 
 class RunDir:
@@ -49,17 +48,17 @@ class RunDir:
     # ---- paths ------------------------------------------------------------------------------------------------
     config_path = property(lambda self: self.root / "config.yaml")
     secret_path = property(lambda self: self.root / "secret.key")
-    index_path = property(lambda self: self.root / "index.parquet")
+    index_path = property(lambda self: self.root / INDEX_FILE)
     manifest_path = property(lambda self: self.root / "manifest.json")
     journal_dir = property(lambda self: self.root / "journal")
     checkpoint_root = property(lambda self: self.root / "checkpoints")
     data_dir = property(lambda self: self.root / "data")
 
     def data_path(self, shard: int) -> Path:
-        return self.data_dir / f"shard-{shard:03d}.parquet"
+        return self.root / data_file(shard)
 
     def shard_checkpoints(self, shard: int) -> Path:
-        return self.checkpoint_root / f"shard-{shard:03d}"
+        return shard_folder(self.checkpoint_root, shard)
 
     # ---- creation ---------------------------------------------------------------------------------------------
     def create(self, config: Config) -> None:
@@ -142,7 +141,7 @@ class RunDir:
         )
 
     def shard_frame(self, shard: int, verify: bool = True) -> pd.DataFrame:
-        rel = f"data/shard-{shard:03d}.parquet"
+        rel = data_file(shard)
         if not verify:
             return read_parquet(self.data_path(shard), None)
         return self._verified_read(
@@ -183,16 +182,6 @@ class RunDir:
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, {**manifest, "format": MANIFEST_FORMAT})
-
-
-def shard_data(frame: pd.DataFrame, feature_names: list[str], slices: int) -> ShardData:
-    """Arrays for training from a shard frame already in training order."""
-    slice_col = frame["_slice"].to_numpy(np.int64)
-    return ShardData(
-        features=np.ascontiguousarray(frame[feature_names].to_numpy(np.float32)),
-        labels=frame["_label"].to_numpy(np.int64),
-        slice_ends=np.searchsorted(slice_col, np.arange(slices), side="right").astype(np.int64),
-    )
 
 
 _YAML_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}

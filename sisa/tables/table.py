@@ -84,13 +84,6 @@ class Table:
             deletion_prob=None if self.deletion_prob is None else self.deletion_prob[positions],
         )
 
-    def frame(self) -> pd.DataFrame:
-        """The table as stored in a run's shard data files (label as class index)."""
-        df = pd.DataFrame(self.features, columns=self.feature_names)
-        df.insert(0, "_label", self.labels)
-        df.insert(0, "_record_id", self.ids.to_numpy())
-        return df
-
 
 def _rows(mask: np.ndarray, limit: int = 10) -> str:
     idx = np.flatnonzero(mask)

@@ -22,11 +22,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from ..exceptions import ClusterError, ConfigError
-from ..store.checkpoints import is_complete
+from ..store.checkpoints import is_complete, shard_folder
 from .shard import ShardData, ShardJob, ShardResult, TrainSpec, train_shard
+from .stacking import train_stacked
+from .units import work_units
 
 log = logging.getLogger("sisa")
 
@@ -73,49 +74,8 @@ def train_unit(
 ) -> list[ShardResult]:
     """Train one unit of jobs in this process: as one stacked model, or shard after shard."""
     if executor == "stacked":
-        from .stacking import train_stacked
-
         return train_stacked(spec, jobs, data)
     return [train_shard(spec, job, data[job.shard]) for job in jobs]
-
-
-def work_units(
-    spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardData], executor: str, workers: int
-) -> list[list[ShardJob]]:
-    """Split the jobs into units that may run in different processes without changing any result.
-
-    loop: one job per unit (largest first when there are several workers). stacked on CPU (exact mode: a
-    shard's bits do not depend on its stack): one unit per worker, balanced by rows to retrain. stacked on CUDA
-    (batched mode: a shard's bits depend on the group it trains in): one unit per fixed group
-    ``shard // stack_size``, the groups the in-process executor forms.
-    """
-    if executor != "stacked":
-        return [[jobs[i]] for i in (_largest_first(jobs, data) if workers > 1 else range(len(jobs)))]
-    from .stacking import stacking_mode
-
-    t = spec.config.training
-    if stacking_mode(spec.device) != "exact":
-        width = t.stack_size or spec.config.sharding.shards
-        groups: dict[int, list[ShardJob]] = {}
-        for job in jobs:
-            groups.setdefault(job.shard // width, []).append(job)
-        return [groups[g] for g in sorted(groups)]
-    bins: list[list[int]] = [[] for _ in range(max(1, min(workers, len(jobs))))]
-    load = [0] * len(bins)
-    for i in _largest_first(jobs, data):  # greedy: the next largest job to the least loaded worker
-        b = load.index(min(load))
-        bins[b].append(i)
-        load[b] += int(data[jobs[i].shard].slice_ends[-1]) - _rows_before(jobs[i], data)
-    return [[jobs[i] for i in sorted(b)] for b in bins if b]
-
-
-def _rows_before(job: ShardJob, data: dict[int, ShardData]) -> int:
-    return int(data[job.shard].slice_ends[job.from_slice - 1]) if job.from_slice else 0
-
-
-def _largest_first(jobs: list[ShardJob], data: dict[int, ShardData]) -> list[int]:
-    """Job positions, most rows to retrain first, so the last job to start is a short one."""
-    return sorted(range(len(jobs)), key=lambda i: -int(data[jobs[i].shard].slice_ends[-1]))
 
 
 def _report(results: list[ShardResult], on_done: Progress | None) -> list[ShardResult]:
@@ -200,7 +160,7 @@ def _run_dask(
 
 def _require_visible(spec: TrainSpec, result: ShardResult) -> None:
     """The checkpoints a worker wrote must be readable here: the run folder has to be on a shared filesystem."""
-    folder = Path(spec.checkpoint_root) / f"shard-{result.shard:03d}"
+    folder = shard_folder(spec.checkpoint_root, result.shard)
     missing = [name for name in result.checkpoints if not is_complete(folder / name)]
     if missing:
         raise ClusterError(

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..store.checkpoints import checkpoint_name, load_checkpoint, save_checkpoint
+from ..store.checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
+from ..store.shardfile import ShardData
 from .models import build_model
 from .optim import Optimizer
 
@@ -49,15 +50,6 @@ class ShardJob:
     shard: int
     from_slice: int
     fingerprints: tuple[str, ...]  # expected fingerprint of every slice of the shard
-
-
-@dataclass
-class ShardData:
-    """A shard's rows in training order; rows of slices 0..k are ``[0:slice_ends[k]]``."""
-
-    features: np.ndarray  # float32 [n, F]
-    labels: np.ndarray  # int64 [n]
-    slice_ends: np.ndarray  # int64 [R]
 
 
 @dataclass
@@ -123,7 +115,7 @@ def batch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_dir(spec: TrainSpec, shard: int, slice_idx: int, fingerprint: str) -> Path:
-    return Path(spec.checkpoint_root) / f"shard-{shard:03d}" / checkpoint_name(slice_idx, fingerprint)
+    return checkpoint_folder(spec.checkpoint_root, shard, slice_idx, fingerprint)
 
 
 def checkpoint_meta(

@@ -26,184 +26,17 @@ loop's format, the moment that shard finishes a slice.
 
 from __future__ import annotations
 
-import copy
-import logging
-import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
-from ..exceptions import ConfigError
-from .executors import work_units
+from . import units
+from .choice import default_stack_size
 from .lockstep import GroupTrainer, LaneStopped
-from .models import build_model
-from .optim import Optimizer
-from .shard import (
-    ShardData,
-    ShardJob,
-    ShardResult,
-    TrainSpec,
-    batch_loss,
-    configure_torch,
-    resolve_device,
-)
-from .stacked_models import ShardStack, SliceRunner, batched_forward, module_tensors, stacked_loss
-
-log = logging.getLogger("sisa")
-
-# How a stack runs on each device type (sisa.train.stacked_models). Tests switch CPU to "batched" to exercise the GPU rule.
-MODES = {"cpu": "exact", "cuda": "batched"}
-
-# executor: auto on CPU (exact mode). Exact stacking runs the loop's own kernels, so on one core what it saves is
-# per-step overhead (one optimizer update and one backward call for the group, no per-shard Python step), and
-# lanes (stack_threads) add the other cores. Measured with scripts/bench_stacked.py on this 2-core CPU
-# (docs/stacking.md): models of <50k parameters are overhead-bound, so one lane stacks them 1.5-1.8x faster than
-# the loop and two lanes are slower (1.25-1.37x: their Python steps take turns); models whose matmuls or
-# convolutions dominate (600-128-100 Purchase MLP: 90k parameters, 784-256-10: 200k, the CNN) gain nothing from
-# stacking on one core (0.95-1.05x) and 1.6-1.76x from two lanes. On CUDA (batched mode) the stack replaces S launch-bound shards by
-# one: DESIGN §7 measured 13-35x (MLP) and 2.9x (CNN) on an H100.
-CPU_STACKED_MAX_PARAMS = 50_000
-
-
-def stacking_mode(device: str) -> str:
-    return MODES.get(device.split(":")[0], "batched")
-
-
-def model_kind(config: Config) -> str:
-    return config.model.name if config.model.name in ("mlp", "cnn") else "custom"
-
-
-# ---- resolving the executor and the stack width ------------------------------------------------------------------
-def choose_executor(config: Config) -> str:
-    """Resolve ``training.executor`` (``auto`` -> fastest for this model and device) for a config being resolved.
-
-    Also resolves ``training.stack_size`` when it is null (from ``memory_budget_mb`` for ``stacked``, 1 for the
-    loop), in place on ``config``, so the saved config and its digest record the stacking the run used. A model
-    that cannot be stacked falls back to the loop under ``auto`` with a one-line logged reason; under an explicit
-    ``stacked`` it is a ConfigError.
-    """
-    t = config.training
-    device = resolve_device(t.device)
-    executor = t.executor
-    if executor != "loop":
-        reason = stacking_obstacle(config, device)
-        if reason and executor == "stacked":
-            name = config.model.name
-            raise ConfigError(
-                [f"training.executor: stacked cannot train model {name!r} ({reason}); use loop or auto"]
-            )
-        if reason:
-            log.warning(
-                "training.executor auto: model %s cannot be stacked (%s); using loop",
-                config.model.name,
-                reason,
-            )
-            executor = "loop"
-        elif executor == "auto":
-            executor = auto_executor(config, device)
-    if t.stack_threads is None:
-        t.stack_threads = default_stack_threads(config, device) if executor == "stacked" else 1
-    if t.stack_size is None:
-        t.stack_size = default_stack_size(config) if executor == "stacked" else 1
-    return executor
-
-
-def auto_executor(config: Config, device: str) -> str:
-    """The faster executor for this model on this device (see CPU_STACKED_MAX_PARAMS)."""
-    if stacking_mode(device) != "exact" or overhead_bound(config):
-        return "stacked"
-    return "stacked" if available_cores() > 1 else "loop"
-
-
-def default_stack_threads(config: Config, device: str) -> int:
-    """Lanes for a stacked run: the cores for models whose kernels dominate; one for overhead-bound models (their
-    Python steps would contend for the GIL) and on CUDA (one stream of full-width calls)."""
-    if stacking_mode(device) != "exact" or overhead_bound(config):
-        return 1
-    return available_cores()
-
-
-def overhead_bound(config: Config) -> bool:
-    """A model small enough that per-step overhead, not its kernels, sets the pace on CPU."""
-    return model_kind(config) != "cnn" and parameter_count(config) <= CPU_STACKED_MAX_PARAMS
-
-
-def parameter_count(config: Config) -> int:
-    n_f, n_c = len(config.data.features or []), len(config.data.classes or [])
-    model = build_model(config.model, max(n_f, 1), max(n_c, 2), 0)
-    return sum(p.numel() for p in model.parameters())
-
-
-def stacking_obstacle(config: Config, device: str) -> str | None:
-    """None when the model trains stacked on ``device``; else a one-line reason (tried on a tiny probe step)."""
-    if model_kind(config) != "custom" or not config.data.features or not config.data.classes:
-        return None
-    try:
-        with torch.random.fork_rng(devices=[]):  # a user's dropout must not move the caller's RNG
-            _probe_step(config, device)
-    except Exception as exc:  # any failure of a user's module means "cannot stack", never a crash here
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        return f"{type(exc).__name__}: {first}"
-    return None
-
-
-def _probe_step(config: Config, device: str) -> None:
-    n_f, n_c = len(config.data.features), len(config.data.classes)
-    models = [build_model(config.model, n_f, n_c, seed) for seed in (1, 2)]
-    stack = ShardStack(models[0], [module_tensors(m) for m in models], device)
-    x = torch.randn(2, 3, n_f, generator=torch.Generator().manual_seed(0)).to(device)
-    y = torch.zeros(2, 3, dtype=torch.int64, device=device)
-    if stacking_mode(device) == "exact":
-        runner = SliceRunner(stack)
-        runner.bind()
-        losses = [batch_loss(runner.forward(i, x[i, : 3 - i]), y[i, : 3 - i]) for i in range(2)]
-        torch.autograd.backward(losses)
-    else:
-        logits = batched_forward(stack, x, lambda h: h, stack.buffers)
-        if logits.shape != (2, 3, n_c):
-            raise ValueError(f"stacked logits have shape {tuple(logits.shape)}, expected (2, 3, {n_c})")
-        stacked_loss(logits, y, torch.arange(2, device=device)).backward()
-    Optimizer(config.training, stack.params, stack=2).step()
-
-
-def shard_memory_bytes(config: Config) -> int:
-    """Estimated bytes one shard adds to a stacked group: parameters with their gradients, optimizer state and
-    temporaries (6x), one batch's input, and its saved activations and their gradients (2x)."""
-    n_f, n_c = len(config.data.features or []), len(config.data.classes or [])
-    bs = config.training.batch_size
-    model = build_model(config.model, max(n_f, 1), max(n_c, 2), 0)
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 6 * params + 2 * _activation_bytes(model, bs, max(n_f, 1), max(n_c, 2)) + 2 * bs * n_f * 4
-
-
-def _activation_bytes(model: torch.nn.Module, bs: int, n_f: int, n_c: int) -> int:
-    """Bytes autograd saves for one batch's backward, counted on the meta device (no memory, no compute)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    try:
-        meta = copy.deepcopy(model).to("meta")
-        x = torch.zeros(bs, n_f, device="meta")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            F.cross_entropy(meta(x), torch.zeros(bs, dtype=torch.int64, device="meta"))
-    except Exception:  # a module that cannot run on meta: assume a few activations of the input's size
-        return 4 * bs * (n_f + n_c) * 4
-    return total
-
-
-def default_stack_size(config: Config) -> int:
-    """Shards per group so that the groups training at once (one per lane) stay within
-    ``training.memory_budget_mb`` together (at least 1, at most S)."""
-    per_shard = max(shard_memory_bytes(config), 1)
-    budget = config.training.memory_budget_mb * 2**20 // max(1, config.training.stack_threads or 1)
-    return int(max(1, min(config.sharding.shards, budget // per_shard)))
+from .shard import ShardData, ShardJob, ShardResult, TrainSpec, configure_torch
+from .units import fixed_groups, stacking_mode, work_units
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -257,15 +90,7 @@ def stack_lanes(config: Config, mode: str, n_jobs: int) -> int:
     t = config.training
     if mode != "exact" or t.n_jobs > 1 or t.backend != "local":
         return 1
-    return max(1, min(t.stack_threads or 1, n_jobs, available_cores()))
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return max(1, min(t.stack_threads or 1, n_jobs, units.available_cores()))
 
 
 def _train_groups(
@@ -289,9 +114,10 @@ def plan_groups(jobs: list[ShardJob], width: int, mode: str, n_shards: int) -> l
     ``range(g*width, (g+1)*width)`` of every shard number that has a job; slots without a job stay empty."""
     if mode == "exact":
         return [list(jobs[i : i + width]) for i in range(0, len(jobs), width)]
-    by_group: dict[int, list[ShardJob | None]] = {}
-    for job in sorted(jobs, key=lambda j: j.shard):
-        g = job.shard // width
-        slots = by_group.setdefault(g, [None] * (min(n_shards, (g + 1) * width) - g * width))
-        slots[job.shard % width] = job
-    return [by_group[g] for g in sorted(by_group)]
+    out = []
+    for g, members in fixed_groups(jobs, width).items():
+        slots: list[ShardJob | None] = [None] * (min(n_shards, (g + 1) * width) - g * width)
+        for job in members:
+            slots[job.shard % width] = job
+        out.append(slots)
+    return out

@@ -1,0 +1,82 @@
+"""Opening a run: the one rule every entry point follows (docs/design.md, "Durability").
+
+An acknowledged deletion can never be lost, so before a command reads or changes a run, deletions a crash left
+pending are replayed (:func:`recover`). Writers go through :func:`writer_session` (the run's writer lock, replay,
+the manifest checked under the lock); readers through :func:`reader_session` (replay when the lock is free: a
+writer holding it replays pending requests itself before doing anything else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from .deletion import apply_entry
+from .exceptions import RunLockedError
+from .store.files import remove_tree, temp_leftovers, writer_lock
+from .store.journal import Journal
+from .store.rundir import RunDir
+
+
+@contextlib.contextmanager
+def writer_session(
+    root: str | Path,
+    what: str,
+    wait_s: float = 0.0,
+    runtime: list[str] | tuple[str, ...] = (),
+    trained: bool = True,
+    replay_first: bool = True,
+) -> Iterator[RunDir]:
+    """The run, held by this process as its one writer, with every pending deletion applied.
+
+    ``what`` names the operation in the "locked" error; ``trained=False`` accepts a run whose first training has
+    not finished (``train --resume``). ``replay_first=False`` is for repair alone: a replay would resume from
+    checkpoints that repair must first find broken and remove; it replays itself right after."""
+    run = RunDir(root, runtime)
+    _require(run, trained)
+    with writer_lock(run.root, wait_s, what):
+        if replay_first:
+            recover(run, locked=True)
+        _require(run, trained)
+        yield run
+
+
+def reader_session(root: str | Path, runtime: list[str] | tuple[str, ...] = ()) -> RunDir:
+    """A trained run, opened for reading, with pending deletions replayed when no writer is at work."""
+    run = RunDir(root, runtime)
+    run.require_manifest()
+    recover(run)
+    return run
+
+
+def _require(run: RunDir, trained: bool) -> None:
+    if trained:
+        run.require_manifest()
+    else:
+        run.require()
+
+
+def recover(run: RunDir, locked: bool = False) -> list[dict]:
+    """Replay pending journal entries to completion and clear leftovers of interrupted writes.
+
+    Without ``locked`` it takes the writer lock only if it is free: a writer holding it replays pending requests
+    itself before doing anything else."""
+    journal = Journal(run.journal_dir)
+    if not journal.pending() and not temp_leftovers(run.root):
+        return []
+    if locked:
+        return replay(run, journal)
+    try:
+        with writer_lock(run.root, 0.0, "recovery"):
+            return replay(run, journal)
+    except RunLockedError:
+        return []  # the writer holding the lock is applying them
+
+
+def replay(run: RunDir, journal: Journal) -> list[dict]:
+    """Apply every pending entry, then remove leftovers of interrupted writes. Caller holds the writer lock."""
+    receipts = [apply_entry(run, e) for e in journal.pending()]
+    for leftover in temp_leftovers(run.root):  # a crash before the journal write leaves only these
+        remove_tree(leftover)
+    return receipts
