@@ -12,6 +12,7 @@ from .exceptions import (
     RunStateError,
     SisaError,
     UnknownRecordError,
+    UsageError,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SisaClassifier",
     "SisaError",
     "UnknownRecordError",
+    "UsageError",
     "run_status",
 ]
 __version__ = "0.1.0"

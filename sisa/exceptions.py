@@ -7,7 +7,7 @@ The CLI turns any ``SisaError`` into a one-line message on stderr and a non-zero
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class SisaError(Exception):
@@ -33,6 +33,25 @@ class ConfigError(SisaError, ValueError):
             super().__init__(
                 f"invalid configuration ({len(self.problems)} problems):\n{_bullets(self.problems)}"
             )
+
+
+class UsageError(SisaError, ValueError):
+    """A call's arguments are wrong (not the configuration). Lists every problem at once, each naming the
+    library parameter it is about; the CLI shows the matching flag instead (:meth:`render`)."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)  # (parameter, what was expected and what came)
+        super().__init__(self.render())
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, each parameter shown as ``names`` calls it (e.g. a CLI flag), else by its own name."""
+        names = names or {}
+        lines = [f"{names.get(param, param)}: {text}" for param, text in self.problems]
+        if len(lines) == 1:
+            return lines[0]
+        return f"{len(lines)} problems:\n{_bullets(lines)}"
 
 
 class DataError(SisaError, ValueError):

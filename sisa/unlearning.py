@@ -14,7 +14,7 @@ import numpy as np
 
 from .deletion import apply_entry
 from .duplicates import find_duplicates
-from .exceptions import ConfigError, IntegrityError, UnknownRecordError
+from .exceptions import IntegrityError, UnknownRecordError, UsageError
 from .session import writer_session
 from .store.checkpoints import load_checkpoint
 from .store.files import sha256_file
@@ -44,10 +44,10 @@ def delete(
     runtime keys for this retrain (workers, cluster, lanes; :meth:`Config.with_runtime`).
     """
     if duplicates not in ("ignore", "report", "delete"):
-        raise ConfigError([f"delete: duplicates must be ignore, report or delete, got {duplicates!r}"])
+        raise UsageError([("duplicates", f"expected ignore, report or delete, got {duplicates!r}")])
     record_ids, subject_ids = _unique(record_ids), _unique(subject_ids)
     if not record_ids and not subject_ids:
-        raise ConfigError(["delete: give at least one record ID (or subject ID)"])
+        raise UsageError([("record_ids", "give at least one record ID (or subject ID)")])
     with writer_session(root, "delete", wait_s, runtime) as run:
         secret, index = run.secret(), run.index()
         positions, already, subject_rows = _resolve(run, index, secret, record_ids, subject_ids)
@@ -110,7 +110,7 @@ def _resolve(run: RunDir, index: RecordIndex, secret: bytes, record_ids: list, s
     subject_rows: dict = {}
     if subject_ids:
         if not index.has_subjects:
-            raise ConfigError(["delete --subject: this run has no data.subject_column; delete by record ID"])
+            raise UsageError([("subject_ids", "this run has no data.subject_column; delete by record ID")])
         s_pos = index.positions_of(subject_ids, "subject_id")
         counts = index.active["subject_id"].iloc[s_pos].value_counts()
         for s in subject_ids:

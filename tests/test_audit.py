@@ -16,7 +16,7 @@ from sisa.config import Config
 from sisa.evidence.attacks import Group, compare_groups, lira_scores, logit_confidence
 from sisa.evidence.audit import former_shards, load_rows, run_audit
 from sisa.evidence.roc import delong, evaluate_attack, roc_curve, tpr_at_fpr
-from sisa.exceptions import ConfigError, DataError, RunStateError
+from sisa.exceptions import DataError, RunStateError, UsageError
 from sisa.fitting import train
 from sisa.store.files import writer_lock
 from sisa.store.journal import Journal
@@ -210,17 +210,20 @@ def test_deleted_file_must_hold_deleted_records(deleted_run):
 
 def test_audit_needs_never_seen_records(tmp_path, tabular):
     run = train_run(tmp_path / "r", tabular, small_config())
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UsageError) as err:
         run_audit(run.root)
-    assert err.value.problems == [
-        "audit: needs never-seen records; give --holdout FILE or set data.test in the config"
-    ]
-    with pytest.raises(ConfigError) as err:
+    assert str(err.value) == (
+        "holdout: the audit needs never-seen records: give a holdout table or set data.test in the config"
+    )
+    with pytest.raises(UsageError) as err:
         run_audit(run.root, max_records=5, bootstrap=-1)
     assert err.value.problems == [
-        "--max-records: expected an integer >= 10, got 5",
-        "--bootstrap: expected an integer >= 0, got -1",
+        ("max_records", "expected an integer >= 10, got 5"),
+        ("bootstrap", "expected an integer >= 0, got -1"),
     ]
+    assert err.value.render({"max_records": "--max-records", "bootstrap": "--bootstrap"}) == (
+        "2 problems:\n  - --max-records: expected an integer >= 10, got 5\n  - --bootstrap: expected an integer >= 0, got -1"
+    )
 
 
 def test_cli_audit_json(deleted_run, capsys):
@@ -251,7 +254,7 @@ def test_cli_audit_json(deleted_run, capsys):
     assert main([*argv, "--out", str(root / "audit.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"sisa: error: invalid configuration: --out {root / 'audit.json'}: results derived from deleted rows "
+        f"sisa: error: --out: {root / 'audit.json'}: results derived from deleted rows "
         "must be written outside the run"
     )
     assert not (root / "audit.json").exists()

@@ -21,7 +21,7 @@ from sisa.evidence.baselines import (
     impair_repair,
 )
 from sisa.evidence.comparison import Sets, compare, metrics, parse_requests, single_log_probs
-from sisa.exceptions import ConfigError
+from sisa.exceptions import ConfigError, UsageError
 from sisa.tables.datasets import make_tabular
 from tests.conftest import small_config
 
@@ -113,13 +113,13 @@ def test_baseline_errors(data):
 
 def test_parse_requests_reports_every_bad_spec():
     assert [r.kind for r in parse_requests(["random:5", "class:b"], ["a", "b"], 100)] == ["random", "class"]
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UsageError) as err:
         parse_requests(["random:0", "class:z", "everything", "random:100"], ["a", "b"], 100)
     assert err.value.problems == [
-        "--forget random:0: expected random:N with 1 <= N < 100 training rows, or class:LABEL",
-        "--forget class:z: unknown class 'z'; classes are ['a', 'b']",
-        "--forget everything: expected random:N with 1 <= N < 100 training rows, or class:LABEL",
-        "--forget random:100: expected random:N with 1 <= N < 100 training rows, or class:LABEL",
+        ("specs", "random:0: expected random:N with 1 <= N < 100 training rows, or class:LABEL"),
+        ("specs", "class:z: unknown class 'z'; classes are ['a', 'b']"),
+        ("specs", "everything: expected random:N with 1 <= N < 100 training rows, or class:LABEL"),
+        ("specs", "random:100: expected random:N with 1 <= N < 100 training rows, or class:LABEL"),
     ]
 
 

@@ -16,7 +16,7 @@ import pytest
 from sisa.cli import main as cli
 from sisa.estimator import SisaClassifier
 from sisa.evidence.history import COLUMNS, deletion_log, format_log
-from sisa.exceptions import ConfigError
+from sisa.exceptions import UsageError
 from sisa.fitting import train
 from sisa.store.files import CRASH_LOG_ENV, reset_crash_counter
 from sisa.store.index import keyed_id_hashes
@@ -203,7 +203,7 @@ def test_history_shows_a_request_pending_while_another_writer_holds_the_lock(int
 
 
 def test_history_rejects_an_unknown_format():
-    with pytest.raises(ConfigError, match=r"history --format: expected one of table, csv, json, got 'xml'"):
+    with pytest.raises(UsageError, match=r"^fmt: expected one of table, csv, json, got 'xml'$"):
         format_log([], "xml")
     assert format_log([], "table") == "no deletion requests\n"
 

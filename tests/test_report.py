@@ -11,7 +11,7 @@ from PIL import Image
 
 from sisa.cli.main import main
 from sisa.evidence.report import build_report, deletion_history
-from sisa.exceptions import ConfigError
+from sisa.exceptions import UsageError
 from sisa.tables.datasets import make_tabular
 from sisa.unlearning import delete
 from tests.conftest import small_config, train_run
@@ -68,11 +68,13 @@ def test_report_to_a_file_without_deleted_rows(reported):
 
 def test_report_refuses_the_run_directory_when_given_deleted_rows(reported):
     tmp, run = reported["tmp"], reported["run"]
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UsageError) as err:
         build_report(run.root, run.root / "reports", deleted=tmp / "deleted.parquet")
     assert err.value.problems == [
-        f"--out {run.root / 'reports' / 'report.html'}: results derived from deleted rows must be written "
-        "outside the run"
+        (
+            "out",
+            f"{run.root / 'reports' / 'report.html'}: results derived from deleted rows must be written outside the run",
+        )
     ]
     assert not (run.root / "reports").exists()
 

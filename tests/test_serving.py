@@ -15,7 +15,7 @@ import pytest
 from sisa import session, unlearning
 from sisa.cli.main import main
 from sisa.estimator import SisaClassifier
-from sisa.exceptions import ConfigError
+from sisa.exceptions import UsageError
 from sisa.serving import worker as serving_worker
 from sisa.serving.app import create_app, listen_socket, resolve_token
 from sisa.serving.schema import ServerSettings
@@ -122,8 +122,8 @@ def test_predict_equals_the_classifier_exactly(client, run_dir, data):
 
 
 def test_concurrent_predictions_match_sequential_ones(run_dir):
-    """Predictions run in parallel on copies ("lanes") of one snapshot; each answer is the sequential one."""
-    state = ServingState(run_dir, ServerSettings(lanes=3))
+    """Predictions run in parallel on a pool of copies of one snapshot's ensemble; each answer is the sequential one."""
+    state = ServingState(run_dir, ServerSettings(pool_size=3))
     snap = state.snapshot()
     rng = np.random.default_rng(0)
     batches = [rng.normal(size=(int(rng.integers(1, 40)), 6)).astype(np.float32) for _ in range(24)]
@@ -142,7 +142,7 @@ def test_concurrent_predictions_match_sequential_ones(run_dir):
     for t in threads:
         t.join()
     assert wrong == []
-    assert 1 <= snap._lanes.made <= 3
+    assert 1 <= snap._pool.made <= 3
 
 
 def test_openapi_schema_is_exact_for_the_run(client):
@@ -469,7 +469,7 @@ def test_token_sources(tmp_path, monkeypatch):
     f.write_text("from-file\n")
     assert resolve_token(f) == "from-file"
     f.write_text("\n")
-    with pytest.raises(ConfigError, match="serve --token-file: .* is empty"):
+    with pytest.raises(UsageError, match="^token_file: .* is empty$"):
         resolve_token(f)
     monkeypatch.setenv("SISA_TOKEN", "")
     assert resolve_token(None) is None
@@ -483,7 +483,7 @@ def test_cli_serve_refuses_bad_flags(tmp_path, run_dir, capsys):
     assert "max_batch must be a positive integer, got 0" in err
     assert "max_body_bytes must be a positive integer, got -1" in err
     assert main(["serve", "--run", str(run_dir), "--port", "70000"]) == 2
-    assert "serve --port: expected 0..65535, got 70000" in capsys.readouterr().err
+    assert "sisa: error: --port: expected 0..65535, got 70000" in capsys.readouterr().err
 
 
 def test_listen_socket_is_tcp_and_reports_a_busy_port():
@@ -493,7 +493,7 @@ def test_listen_socket_is_tcp_and_reports_a_busy_port():
         assert sock.proto == socket.IPPROTO_TCP
         port = sock.getsockname()[1]
         with pytest.raises(
-            ConfigError, match=f"serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+            UsageError, match=f"^port: cannot listen on 127.0.0.1:{port}: Address already in use$"
         ):
             listen_socket("127.0.0.1", port)
     finally:

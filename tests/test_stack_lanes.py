@@ -82,7 +82,7 @@ def _lane_setup(tmp_path, monkeypatch, fail_shard: int | None):
         return real_step(self, batch)
 
     def watched_run(self):
-        shards = tuple(sorted(lane.job.shard for lane in self.lanes.values()))
+        shards = tuple(sorted(slot.job.shard for slot in self.slots.values()))
         try:
             if fail_shard in shards:
                 time.sleep(0.1)

@@ -11,7 +11,7 @@ import pytest
 from sisa.cli.main import main
 from sisa.estimator import run_status
 from sisa.evidence.erasure import check_erasure
-from sisa.exceptions import ConfigError, UnknownRecordError
+from sisa.exceptions import UnknownRecordError, UsageError
 from sisa.tables.datasets import make_subjects, make_tabular
 from sisa.unlearning import delete
 
@@ -127,13 +127,15 @@ def test_verify_erasure_checks_forgotten_subjects(tmp_path, people, capsys):
 
 def test_subject_erasure_check_needs_a_subject_column(tmp_path, tabular):
     run = train_run(tmp_path / "r", tabular, small_config())
-    with pytest.raises(ConfigError, match="--subjects-file: this run has no data.subject_column"):
+    with pytest.raises(UsageError, match="^subjects: this run has no data.subject_column$"):
         check_erasure(run.root, subjects=["x"])
 
 
 def test_delete_by_subject_needs_a_subject_column(tmp_path, tabular):
     run = train_run(tmp_path / "r", tabular, small_config())
-    with pytest.raises(ConfigError, match="this run has no data.subject_column"):
+    with pytest.raises(
+        UsageError, match="^subject_ids: this run has no data.subject_column; delete by record ID$"
+    ):
         delete(run.root, subject_ids=["x"])
 
 

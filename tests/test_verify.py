@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from sisa.cli import main as cli
 from sisa.evidence.erasure import check_erasure
 from sisa.evidence.verification import verify
-from sisa.exceptions import ConfigError, IncompatibleCheckpointError
+from sisa.exceptions import IncompatibleCheckpointError, UsageError
 from sisa.store.checkpoints import read_meta
 from sisa.store.files import atomic_write_json, sha256_bytes, sha256_file
 from sisa.store.index import keyed_id_hashes
@@ -134,13 +134,16 @@ def test_verify_refuses_checkpoints_from_another_executor(run):
 
 
 def test_verify_rejects_shards_the_run_does_not_have(run, capsys):
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(UsageError) as exc:
         verify(run.root, [1, 2, 7])
     assert exc.value.problems == [
-        "--shard 2: this run has shards 0..1",
-        "--shard 7: this run has shards 0..1",
+        ("shards", "2 is not a shard of this run (it has 0..1)"),
+        ("shards", "7 is not a shard of this run (it has 0..1)"),
     ]
     assert cli.main(["verify", "--run", str(run.root), "--shard", "5"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "sisa: error: --shard: 5 is not a shard of this run (it has 0..1)"
+    )
 
 
 # ---- erasure ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import Config
+
 
 def add_parsers(sub) -> None:
     au = sub.add_parser("audit", help="membership-inference audit: deleted records vs never-seen ones")
@@ -52,7 +54,6 @@ def _audit(a: argparse.Namespace) -> int:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from ..config import Config
     from ..evidence.comparison import compare, markdown, write_outputs
 
     result = compare(Config.load(a.config, a.overrides), a.forget, methods=a.methods, seed=a.seed)

@@ -12,10 +12,28 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import RUNTIME_KEYS
-from ..exceptions import SisaError
+from ..config import RUNTIME_KEYS, Config
+from ..exceptions import SisaError, UsageError
 from .audit import HANDLERS as AUDIT_HANDLERS
 from .audit import add_parsers as add_audit_parsers
+
+# The library names a wrong argument by its parameter (UsageError); the CLI shows the flag that set it.
+FLAGS = {
+    "record_ids": "IDS",
+    "subject_ids": "--subject",
+    "subjects": "--subjects-file",
+    "duplicates": "--check-duplicates/--delete-duplicates",
+    "shards": "--shard",
+    "out": "--out",
+    "fmt": "--format",
+    "token_file": "--token-file",
+    "port": "--port",
+    "max_records": "--max-records",
+    "bootstrap": "--bootstrap",
+    "holdout": "--holdout",
+    "methods": "--methods",
+    "specs": "--forget",
+}
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = dict(AUDIT_HANDLERS)
 RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
@@ -173,7 +191,6 @@ def _read_ids(path: str | None) -> list[str]:
 
 @command("train")
 def _train(a: argparse.Namespace) -> int:
-    from ..config import Config
     from ..fitting import train
 
     if a.resume:
@@ -416,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SisaError as exc:
-        reason = str(exc).replace("\n  - ", "; ").replace("\n", " ")
+        text = exc.render(FLAGS) if isinstance(exc, UsageError) else str(exc)
+        reason = text.replace("\n  - ", "; ").replace("\n", " ")
         print(f"sisa: error: {reason}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ import torch
 
 from ..aggregation import Ensemble
 from ..config import Config
-from ..exceptions import ConfigError, DataError, RunStateError
+from ..exceptions import DataError, RunStateError, UsageError
 from ..fitting import train
 from ..session import reader_session
 from ..sharding import keyed_hash64
@@ -119,7 +119,9 @@ def check_deleted(run: RunDir, index: RecordIndex, table: Table) -> None:
 def check_outside_run(root: str | Path, out: str | Path) -> None:
     """Results derived from deleted rows never go into the run directory (real erasure)."""
     if Path(out).resolve().is_relative_to(Path(root).resolve()):
-        raise ConfigError([f"--out {out}: results derived from deleted rows must be written outside the run"])
+        raise UsageError(
+            [("out", f"{out}: results derived from deleted rows must be written outside the run")]
+        )
 
 
 def _show(ids: list) -> str:
@@ -214,11 +216,11 @@ def run_audit(
     """Audit the live ensemble of ``root`` (after replaying pending deletions) and, with ``reference``, an
     ensemble retrained from scratch in a temporary folder. Deleted rows are read from ``deleted`` and kept in
     memory only; nothing is written into the run directory except what recovery of pending deletions writes."""
-    problems = [f"--max-records: expected an integer >= 10, got {max_records}"] if max_records < 10 else []
+    problems = [("max_records", f"expected an integer >= 10, got {max_records}")] if max_records < 10 else []
     if bootstrap < 0:
-        problems.append(f"--bootstrap: expected an integer >= 0, got {bootstrap}")
+        problems.append(("bootstrap", f"expected an integer >= 0, got {bootstrap}"))
     if problems:
-        raise ConfigError(problems)
+        raise UsageError(problems)
     run = reader_session(root)
     if Journal(run.journal_dir).pending():
         raise RunStateError(
@@ -227,8 +229,13 @@ def run_audit(
     cfg, manifest = run.config(), run.require_manifest()
     holdout = holdout or cfg.data.test
     if not holdout:
-        raise ConfigError(
-            ["audit: needs never-seen records; give --holdout FILE or set data.test in the config"]
+        raise UsageError(
+            [
+                (
+                    "holdout",
+                    "the audit needs never-seen records: give a holdout table or set data.test in the config",
+                )
+            ]
         )
     unseen_rows = load_rows(holdout, cfg, "--holdout")
     deleted_rows = load_rows(deleted, cfg, "--deleted") if deleted else None

@@ -23,6 +23,7 @@ What is compared with what (written into the output as ``conventions``):
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ from torch import nn
 
 from ..aggregation import Ensemble
 from ..config import Config
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, UsageError
 from ..fitting import load_training_table, train
 from ..store.rundir import RunDir
 from ..tables.table import Table, read_table, validate_table
@@ -70,7 +71,7 @@ class ForgetRequest:
 
 
 def parse_requests(specs: list[str], classes: list, n_rows: int) -> list[ForgetRequest]:
-    """Parse ``random:N`` / ``class:LABEL`` specs; one ConfigError naming every bad spec."""
+    """Parse ``random:N`` / ``class:LABEL`` specs; one UsageError naming every bad spec."""
     out, problems = [], []
     names = [str(c) for c in classes]
     for spec in specs:
@@ -80,15 +81,15 @@ def parse_requests(specs: list[str], classes: list, n_rows: int) -> list[ForgetR
         elif kind == "class" and value in names:
             out.append(ForgetRequest(spec, "class", names.index(value)))
         elif kind == "class":
-            problems.append(f"--forget {spec}: unknown class {value!r}; classes are {names}")
+            problems.append(("specs", f"{spec}: unknown class {value!r}; classes are {names}"))
         else:
             problems.append(
-                f"--forget {spec}: expected random:N with 1 <= N < {n_rows} training rows, or class:LABEL"
+                ("specs", f"{spec}: expected random:N with 1 <= N < {n_rows} training rows, or class:LABEL")
             )
     if not specs:
-        problems.append("--forget: give at least one request, e.g. --forget random:50 --forget class:1")
+        problems.append(("specs", "give at least one request, e.g. random:50 or class:1"))
     if problems:
-        raise ConfigError(problems)
+        raise UsageError(problems)
     return out
 
 
@@ -175,7 +176,7 @@ def compare(config: Config, specs: list[str], methods: list[str] | None = None, 
     methods = list(METHODS) if methods is None else methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError([f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}"])
+        raise UsageError([("methods", f"unknown {unknown}; expected some of {', '.join(METHODS)}")])
     requests = parse_requests(specs, table.classes, len(table))
     torch.set_num_threads(config.training.threads)
     every = Records(table.features, table.labels)
@@ -322,8 +323,6 @@ def _cell(v) -> str:
 
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
     """compare.json and compare.md into ``out``."""
-    import json
-
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "compare.json", folder / "compare.md"]

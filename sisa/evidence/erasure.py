@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..exceptions import ConfigError, DataError
+from ..exceptions import DataError, UsageError
 from ..session import writer_session
 from ..store.checkpoints import checkpoint_name, is_complete, read_meta
 from ..store.files import read_parquet, temp_leftovers
@@ -226,7 +226,7 @@ def _search_ids(run: RunDir, index, secret: bytes, ids: list) -> list[Check]:
 def _search_subjects(run: RunDir, index, subjects: list) -> list[Check]:
     """Per subject: no active row left (whether it was forgotten by subject or row by row); then every file."""
     if not index.has_subjects:
-        raise ConfigError(["verify --erasure --subjects-file: this run has no data.subject_column"])
+        raise UsageError([("subjects", "this run has no data.subject_column")])
     active = set(index.active["subject_id"].astype(str))
     not_deleted = [s for s in subjects if str(s) in active]
     done = f"none of the {len(subjects)} subject(s) has an active row"

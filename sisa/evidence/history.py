@@ -14,7 +14,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..exceptions import ConfigError
+from ..exceptions import UsageError
 from ..session import reader_session
 from ..store.journal import Journal
 
@@ -65,7 +65,7 @@ def _utc(ts: float) -> str:
 def format_log(rows: list[dict], fmt: str = "table") -> str:
     """The log as an aligned text table, CSV (one cell per value, lists joined) or JSON."""
     if fmt not in FORMATS:
-        raise ConfigError([f"history --format: expected one of {', '.join(FORMATS)}, got {fmt!r}"])
+        raise UsageError([("fmt", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")])
     if fmt == "json":
         return json.dumps(rows, indent=1) + "\n"
     cells = [[_cell(r[c]) for c in COLUMNS] for r in rows]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..exceptions import ConfigError, IncompatibleCheckpointError
+from ..exceptions import IncompatibleCheckpointError, UsageError
 from ..refresh import train_spec
 from ..session import writer_session
 from ..store.checkpoints import checkpoint_folder, checkpoint_name, load_checkpoint, read_meta, shard_folder
@@ -92,7 +92,7 @@ def select_shards(config: Config, shards: list[int] | None) -> list[int]:
         return list(range(n))
     bad = sorted({s for s in shards if not 0 <= s < n})
     if bad:
-        raise ConfigError([f"--shard {s}: this run has shards 0..{n - 1}" for s in bad])
+        raise UsageError([("shards", f"{s} is not a shard of this run (it has 0..{n - 1})") for s in bad])
     return sorted(set(shards))
 
 

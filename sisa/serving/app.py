@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..exceptions import ConfigError, DataError, RunLockedError, UnknownRecordError
+from ..exceptions import ConfigError, DataError, RunLockedError, UnknownRecordError, UsageError
 from .schema import (
     ApiError,
     ServerSettings,
@@ -257,7 +257,7 @@ async def submit_deletion(server: Server, record_ids: list, subject_ids: list) -
 def _refusal(exc: Exception | None) -> ApiError:
     if isinstance(exc, UnknownRecordError):
         return ApiError(404, str(exc), unknown_ids=exc.ids, kind=exc.kind)
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, UsageError)):  # UsageError names the body's fields (record_ids, ...)
         return ApiError(422, str(exc))
     if isinstance(exc, RunLockedError):
         return ApiError(409, f"{exc}; nothing changed: retry later", headers={"Retry-After": "5"})
@@ -270,10 +270,10 @@ def resolve_token(token_file: str | Path | None = None) -> str | None:
     if token_file is not None:
         path = Path(token_file)
         if not path.is_file():
-            raise ConfigError([f"serve --token-file: {path} does not exist"])
+            raise UsageError([("token_file", f"{path} does not exist")])
         token = path.read_text().strip()
         if not token:
-            raise ConfigError([f"serve --token-file: {path} is empty"])
+            raise UsageError([("token_file", f"{path} is empty")])
         return token
     return os.environ.get("SISA_TOKEN", "").strip() or None
 
@@ -289,7 +289,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError([f"serve: cannot listen on {host}:{port}: {exc.strerror}"]) from None
+        raise UsageError([("port", f"cannot listen on {host}:{port}: {exc.strerror}")]) from None
     sock.listen(2048)  # connections queue from now on, even before uvicorn starts accepting
     return sock
 
@@ -306,12 +306,12 @@ def serve(
     import uvicorn
 
     if not 0 <= port <= 65535:
-        raise ConfigError([f"serve --port: expected 0..65535, got {port}"])
+        raise UsageError([("port", f"expected 0..65535, got {port}")])
     server = Server(root, settings, runtime)
     state = server.state
     app = create_app(server)
     # Every retrain sets torch's (process-wide) thread count to training.threads; set it from the start so that
-    # serving behaves the same before and after the first deletion. Parallelism comes from lanes instead.
+    # serving behaves the same before and after the first deletion. Parallelism comes from the ensemble pool instead.
     torch.set_num_threads(state.config.training.threads)
     sock = listen_socket(host, port)
     bound = sock.getsockname()[1]

@@ -46,13 +46,15 @@ class ServerSettings:
     max_delete_ids: int = 10_000
     delete_wait_s: float = 60.0  # how long the deletion worker waits for another writer's lock
     ack_timeout_s: float = 300.0  # how long POST /deletions waits in the queue before answering 503
-    lanes: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # predictions run at once
+    pool_size: int = field(
+        default_factory=lambda: min(8, os.cpu_count() or 1)
+    )  # ensemble copies: predictions at once
 
     def validate(self) -> ServerSettings:
         p = []
         if self.token is not None and not self.token.strip():
             p.append("serve: the deletion token is empty")
-        for name in ("max_batch", "max_body_bytes", "max_delete_ids", "lanes"):
+        for name in ("max_batch", "max_body_bytes", "max_delete_ids", "pool_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 p.append(f"serve: {name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("delete_wait_s", "ack_timeout_s"):

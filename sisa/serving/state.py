@@ -3,8 +3,8 @@
 Strict mode: once a deletion is accepted, no answer is computed by a sub-model that saw a deleted record. The
 server keeps its serving state as one immutable :class:`Snapshot` (sub-models, generation, excluded shards) that is
 swapped atomically under a lock; ``/predict`` takes one snapshot reference and computes only from it, so no
-request sees a mix of generations (predictions run in parallel on :class:`Lanes`, copies of the snapshot's
-ensemble). Deletions run in ONE background thread, in order, through
+request sees a mix of generations (predictions run in parallel on an :class:`EnsemblePool`, copies of the
+snapshot's ensemble). Deletions run in ONE background thread, in order, through
 :func:`sisa.unlearning.delete`; its ``on_ack`` hook (called right after the journal fsync) swaps in a snapshot
 without the affected shards *before* the 202 answer is sent, so "accepted" implies "excluded". Each shard
 returns once its retrained generation is in the manifest and its journal entry is applied.
@@ -42,10 +42,10 @@ log = logging.getLogger("sisa.serving.state")
 RACY_NS = 50_000_000  # a file time this close to "now" may hide a second change in the same clock tick
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-__all__ = ["Lanes", "ServingState", "Snapshot"]
+__all__ = ["EnsemblePool", "ServingState", "Snapshot"]
 
 
-class Lanes:
+class EnsemblePool:
     """Up to ``size`` copies of one ensemble, each with its own stacked (vmap) state, lent one per prediction.
 
     ``torch.func.functional_call`` swaps module attributes while it runs, so one stacked ensemble cannot serve two
@@ -58,7 +58,7 @@ class Lanes:
         self._lock = threading.Lock()
 
     @contextmanager
-    def lane(self) -> Iterator[Ensemble]:
+    def lend(self) -> Iterator[Ensemble]:
         try:
             ensemble = self._free.get_nowait()
         except queue.Empty:
@@ -83,11 +83,11 @@ class Snapshot:
     manifest: dict
     stamp: tuple
     recheck: bool = False  # a shard failed to load, or the stamp is racy: re-read the disk next request
-    lanes: int = 1  # how many predictions may run at once
-    _lanes: Lanes = field(init=False, compare=False, repr=False)
+    pool_size: int = 1  # how many predictions may run at once
+    _pool: EnsemblePool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_lanes", Lanes(self.ensemble, self.lanes))
+        object.__setattr__(self, "_pool", EnsemblePool(self.ensemble, self.pool_size))
 
     @property
     def shards(self) -> list[int]:
@@ -110,7 +110,7 @@ class Snapshot:
                 headers={"Retry-After": "1"},
                 shards_retraining=sorted(self.excluded),
             )
-        with self._lanes.lane() as ensemble:
+        with self._pool.lend() as ensemble:
             return ensemble.predict_proba(X)
 
 
@@ -143,9 +143,11 @@ class ServingState:
         snap = self._snapshot
         if not snap.recheck and self._stamp() == snap.stamp:
             return snap
-        return self.refresh()
+        return self.reload()
 
-    def refresh(self, force: bool = False) -> Snapshot:
+    def reload(self, force: bool = False) -> Snapshot:
+        """Rebuild the snapshot from disk when it changed (or ``force``). Not :func:`sisa.refresh.refresh`: the
+        server never trains here, it re-reads what a writer made."""
         with self._lock:
             snap = self._snapshot
             if force or snap.recheck or self._stamp() != snap.stamp:
@@ -164,7 +166,7 @@ class ServingState:
     def applied(self, request_id: str) -> None:
         with self._lock:
             self._acked.pop(request_id, None)
-        self.refresh(force=True)
+        self.reload(force=True)
 
     def _stamp(self) -> tuple:
         out = []
@@ -204,7 +206,7 @@ class ServingState:
             manifest=manifest,
             stamp=stamp,
             recheck=failed or racy,
-            lanes=self.settings.lanes,
+            pool_size=self.settings.pool_size,
         )
 
     def _model(self, entry: dict) -> nn.Module:

@@ -68,7 +68,7 @@ class LaneStopped(Exception):
     """A lane ended early because training as a whole is ending (its checkpoints so far stay valid)."""
 
 
-class Lane:
+class Slot:
     """One shard's progress through its schedule inside a group, and where its rows are."""
 
     def __init__(
@@ -126,7 +126,7 @@ class GroupTrainer:
             self.opt.load_shard_state(i, state)
         real = [(i, job) for i, job in enumerate(slots) if job is not None]
         arrays = group_arrays([data[job.shard] for _, job in real], spec.device)
-        self.lanes = {i: Lane(spec, i, job, data[job.shard], arrays[n]) for n, (i, job) in enumerate(real)}
+        self.slots = {i: Slot(spec, i, job, data[job.shard], arrays[n]) for n, (i, job) in enumerate(real)}
         self.dropout = float(cfg.model.dropout) if cfg.model.name in ("mlp", "cnn") else None
         self.runner = SliceRunner(self.stack) if mode == "exact" else None
 
@@ -138,8 +138,8 @@ class GroupTrainer:
             if self.stop is not None and self.stop.is_set():
                 raise LaneStopped("stopped: another lane failed or training was interrupted")
             batch = {}
-            for i, lane in self.lanes.items():
-                b = lane.next_batch(self._reseed, self._checkpoint)
+            for i, slot in self.slots.items():
+                b = slot.next_batch(self._reseed, self._checkpoint)
                 if b is not None:
                     batch[i] = b
             if not batch:
@@ -152,25 +152,25 @@ class GroupTrainer:
             active[list(batch)] = True
             self.opt.step(active)
             for i in batch:
-                self.lanes[i].result.optimizer_steps += 1
-        seconds = (time.perf_counter() - t0) / max(len(self.lanes), 1)
-        for lane in self.lanes.values():
-            lane.result.seconds = seconds
-        return {lane.job.shard: lane.result for lane in self.lanes.values()}
+                self.slots[i].result.optimizer_steps += 1
+        seconds = (time.perf_counter() - t0) / max(len(self.slots), 1)
+        for slot in self.slots.values():
+            slot.result.seconds = seconds
+        return {slot.job.shard: slot.result for slot in self.slots.values()}
 
-    def _rows(self, lane: Lane, b: Batch) -> torch.Tensor:
-        return (b.rows + lane.offset).to(self.device)
+    def _rows(self, slot: Slot, b: Batch) -> torch.Tensor:
+        return (b.rows + slot.offset).to(self.device)
 
     def _inputs(self, members: list[int], batch: dict[int, Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """The members' batches as ``[len(members), size, F]`` and ``[len(members), size]``."""
-        lanes = [self.lanes[i] for i in members]
-        rows = [self._rows(lane, batch[i]) for i, lane in zip(members, lanes, strict=True)]
-        if all(lane.X is lanes[0].X for lane in lanes):  # one array for the group (GPU): one gather
+        slots = [self.slots[i] for i in members]
+        rows = [self._rows(slot, batch[i]) for i, slot in zip(members, slots, strict=True)]
+        if all(slot.X is slots[0].X for slot in slots):  # one array for the group (GPU): one gather
             flat = torch.cat(rows)
-            x, y = lanes[0].X.index_select(0, flat), lanes[0].y.index_select(0, flat)
+            x, y = slots[0].X.index_select(0, flat), slots[0].y.index_select(0, flat)
         else:
-            x = torch.cat([lane.X.index_select(0, r) for lane, r in zip(lanes, rows, strict=True)])
-            y = torch.cat([lane.y.index_select(0, r) for lane, r in zip(lanes, rows, strict=True)])
+            x = torch.cat([slot.X.index_select(0, r) for slot, r in zip(slots, rows, strict=True)])
+            y = torch.cat([slot.y.index_select(0, r) for slot, r in zip(slots, rows, strict=True)])
         return x.reshape(len(members), -1, x.shape[-1]), y.reshape(len(members), -1)
 
     def _step_exact(self, batch: dict[int, Batch]) -> None:
@@ -179,11 +179,11 @@ class GroupTrainer:
         self.runner.bind()
         losses = []
         for i, b in batch.items():
-            lane = self.lanes[i]
-            rows = self._rows(lane, b)
-            with self._rng(lane):
-                logits = self.runner.forward(i, lane.X.index_select(0, rows))
-            losses.append(batch_loss(logits, lane.y.index_select(0, rows)))
+            slot = self.slots[i]
+            rows = self._rows(slot, b)
+            with self._rng(slot):
+                logits = self.runner.forward(i, slot.X.index_select(0, rows))
+            losses.append(batch_loss(logits, slot.y.index_select(0, rows)))
         torch.autograd.backward(losses)
 
     def _step_batched(self, batch: dict[int, Batch]) -> None:
@@ -217,27 +217,27 @@ class GroupTrainer:
             p.grad = g
 
     # ---- per-shard randomness and checkpoints ----
-    def _reseed(self, lane: Lane, event: EpochStart) -> None:
+    def _reseed(self, slot: Slot, event: EpochStart) -> None:
         """The loop seeds the global RNG at every epoch; here each shard keeps its own stream."""
         if self.dropout == 0.0:
             return
         if self.mode == "exact":
-            lane.rng = torch.Generator().manual_seed(event.dropout_seed).get_state()
+            slot.rng = torch.Generator().manual_seed(event.dropout_seed).get_state()
         else:
-            lane.rng = torch.Generator(device=self.device).manual_seed(event.dropout_seed)
+            slot.rng = torch.Generator(device=self.device).manual_seed(event.dropout_seed)
 
     @contextlib.contextmanager
-    def _rng(self, lane: Lane):
+    def _rng(self, slot: Slot):
         """Run a shard's forward on its own dropout stream (the global CPU RNG, swapped in and out)."""
-        if lane.rng is None:
+        if slot.rng is None:
             yield
             return
         with GLOBAL_RNG_LOCK:  # lanes of other threads borrow the same generator
-            torch.set_rng_state(lane.rng)
+            torch.set_rng_state(slot.rng)
             try:
                 yield
             finally:
-                lane.rng = torch.get_rng_state()
+                slot.rng = torch.get_rng_state()
 
     def _dropout_for(self, members: list[int]):
         """Dropout as F.dropout does it (bernoulli noise, divided by 1-p), each shard drawing from its generator."""
@@ -247,18 +247,18 @@ class GroupTrainer:
             # contiguous, so each shard's draws fill its [batch, units] block row by row, whatever the stack's layout
             noise = torch.ones(h.shape, dtype=h.dtype, device=h.device)
             for i in members:
-                noise[i].bernoulli_(1 - p, generator=self.lanes[i].rng)
+                noise[i].bernoulli_(1 - p, generator=self.slots[i].rng)
             return h * noise.div_(1 - p)
 
         return drop
 
-    def _checkpoint(self, lane: Lane, event: SliceEnd) -> None:
-        i, job, k = lane.slot, lane.job, event.slice
+    def _checkpoint(self, slot: Slot, event: SliceEnd) -> None:
+        i, job, k = slot.slot, slot.job, event.slice
         steps = int(self.opt.steps[i])
         meta = checkpoint_meta(
             self.spec, job, k, event.records, event.samples, steps, "stacked", self.stack.width
         )
         folder = checkpoint_dir(self.spec, job.shard, k, job.fingerprints[k])
         save_checkpoint(folder, self.stack.shard_state(i), self.opt.shard_state_dict(i), meta)
-        lane.result.checkpoints.append(folder.name)
-        lane.result.samples += event.samples
+        slot.result.checkpoints.append(folder.name)
+        slot.result.samples += event.samples
