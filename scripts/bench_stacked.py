@@ -39,7 +39,7 @@ from sisa.unlearning import delete  # noqa: E402
 
 
 def purchase_config(shards: int, executor: str, device: str = "cpu", **training) -> Config:
-    """The Purchase-like setting of DESIGN §7: 600 -> 128 -> 100 MLP, batch 128, one epoch, one slice."""
+    """The Purchase-like setting of docs/design.md §7: 600 -> 128 -> 100 MLP, batch 128, one epoch, one slice."""
     return Config.from_dict(
         {
             "sharding": {"shards": shards, "slices": 1},

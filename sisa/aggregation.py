@@ -28,7 +28,7 @@ from .train.stacked_models import ShardStack, batched_forward, module_tensors
 # dispatch overhead; on CPU, once a batch is big enough for each model's matmuls to be compute-bound, that saving is
 # gone and one big batched kernel runs slower than S separate ones. Measured on the 2-core dev machine (S=20 MLPs,
 # 1 and 2 threads, stacked/loop; scripts/bench_unlearning.py and docs/performance.md): at 64 rows 1.3x (600-128-100)
-# to 7.8x (6-16-3); at 256 rows 0.84x-3x; at 1024 rows 0.3x-1.15x. On CUDA stacked always wins (DESIGN §7: 21x at
+# to 7.8x (6-16-3); at 256 rows 0.84x-3x; at 1024 rows 0.3x-1.15x. On CUDA stacked always wins (docs/design.md §7: 21x at
 # batch 64, 3.4x at 4096 on an H100).
 STACKED_MAX_BATCH = {"cpu": 256, "cuda": 1 << 62}
 

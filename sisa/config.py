@@ -66,7 +66,7 @@ class TrainingConfig:
     seed: int = 0  # root of every derived seed (placement, init, shuffling, dropout)
     device: str = "auto"  # auto | cpu | cuda (auto resolves at train time and is saved)
     deterministic: bool = True  # torch deterministic algorithms (needed for bit-exactness on GPU)
-    threads: int = 1  # torch CPU threads per shard worker; part of the result (see DESIGN §2.7)
+    threads: int = 1  # torch CPU threads per shard worker; part of the result (see docs/design.md §2.7)
     executor: str = "auto"  # auto | loop | stacked (resolved and saved)
     stack_size: int | None = None  # shards per stacked group; null = from memory_budget_mb (resolved, saved)
     stack_threads: int | None = None  # CPU threads training a stack's shards side by side; null = the cores

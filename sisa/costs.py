@@ -1,6 +1,6 @@
 """Expected retraining cost of unlearning, in samples (one sample = one row through one training pass).
 
-These are the analytic limits the benchmark compares measured wall times against (DESIGN §1; Bourtoule et al.,
+These are the analytic limits the benchmark compares measured wall times against (docs/design.md §1; Bourtoule et al.,
 IEEE S&P 2021, §V). With N records, S shards, R slices and e epochs for an unsliced shard, slice step k of a
 shard trains on slices 0..k for e_s = 2e/(R+1) epochs, so training everything costs e·N samples whatever S and R.
 

@@ -1,10 +1,10 @@
 """Placement of records into shards and slices, and the order of rows inside a shard.
 
 ``uniform`` placement is a pure function of (placement key, seed): a keyed BLAKE2b hash of the key picks the
-shard and the slice, so deleting a record (or a person) never moves anybody else (DESIGN §2.1). The placement key
+shard and the slice, so deleting a record (or a person) never moves anybody else (docs/design.md §2.1). The placement key
 is the record ID, or the data-subject ID when the config names a subject column, so that all of one person's rows
 share a shard and a slice. Inside a shard, rows are ordered by (slice, order key) where the order key is a keyed
-hash of the record ID — again independent of every other record (DESIGN §2.2).
+hash of the record ID — again independent of every other record (docs/design.md §2.2).
 
 ``stratified`` balances the classes across shards: inside each class, placement keys are ranked by hash and dealt
 round-robin. That depends on the other records, so its exactness is relative to the persisted index: "train,

@@ -1,4 +1,4 @@
-"""The paper's expected-cost formulas (DESIGN §1) and the expected cost of a concrete placement."""
+"""The paper's expected-cost formulas (docs/design.md §1) and the expected cost of a concrete placement."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sisa.costs import (
 
 
 def test_paper_settings_give_the_speedups_design_quotes():
-    # Purchase: S=20, R=50, a batch of K=8 -> 4.23x; SVHN: K=18 -> 2.24x (DESIGN §1)
+    # Purchase: S=20, R=50, a batch of K=8 -> 4.23x; SVHN: K=18 -> 2.24x (docs/design.md §1)
     assert expected_speedup(20, 50, 8) == pytest.approx(4.2306, abs=1e-4)
     assert expected_speedup(20, 50, 18) == pytest.approx(2.2369, abs=1e-4)
 

@@ -1,7 +1,7 @@
 """Training and retraining on Dask distributed workers (a real loopback LocalCluster) equals local training.
 
 Every cluster call runs under an alarm: when the job's code is not importable on the workers, Dask only logs a
-deserialization error and the caller would wait forever (DESIGN §7).
+deserialization error and the caller would wait forever (docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Exactness (DESIGN §2): "train, then delete X" is bit-identical to "train from scratch without X".
+"""Exactness (docs/design.md §2): "train, then delete X" is bit-identical to "train from scratch without X".
 
-Also the deletion contract around it (DESIGN §4, issue 2 §6): untouched shards and earlier slices stay
+Also the deletion contract around it (docs/design.md §4, issue 2 §6): untouched shards and earlier slices stay
 byte-identical on disk, invalidated checkpoints are gone, unknown IDs change nothing, already-deleted IDs get an
 explicit answer, and no trace of a deleted record's ID or feature row is left anywhere in the run directory.
 """
@@ -80,7 +80,7 @@ def delete_and_compare(tmp_path: Path, df: pd.DataFrame, cfg: Config, choose, pl
     assert receipt["slices_retrained"] == {
         str(s): list(range(k, cfg.sharding.slices)) for s, k in sorted(affected.items())
     }
-    # the reference sees the remaining rows in another order: row position must not matter (DESIGN §2.1-2)
+    # the reference sees the remaining rows in another order: row position must not matter (docs/design.md §2.1-2)
     rest = without(df, ids).sample(frac=1.0, random_state=1).reset_index(drop=True)
     placement = None
     if placement_from_index:  # stratified: exact relative to the persisted index (the saved rows minus X)
@@ -230,7 +230,7 @@ def test_email_ids_and_fractional_epochs_exact(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mlp_exact_on_cuda(tmp_path, tabular):
-    """DESIGN §2: deterministic mode keeps the invariant on one GPU model, driver and torch build."""
+    """docs/design.md §2: deterministic mode keeps the invariant on one GPU model, driver and torch build."""
     cfg = small_config(training={"device": "cuda", "seed": 2})
     run, _, _ = delete_and_compare(tmp_path, tabular, cfg, pick_batch)
     assert run.config().training.device == "cuda"

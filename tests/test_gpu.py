@@ -1,6 +1,6 @@
 """CUDA only (skips cleanly without a GPU): the stacked executor's exactness rule on a GPU.
 
-In deterministic mode a shard's bits on CUDA depend on the width of the batched kernels it runs in (DESIGN §7), so
+In deterministic mode a shard's bits on CUDA depend on the width of the batched kernels it runs in (docs/design.md §7), so
 the stacked executor keeps every shard in a fixed slot of a fixed-width group whenever it trains (sisa.train.stacking).
 These tests check that, with that rule, delete-then-retrain on the GPU is bit-identical to training from scratch
 without the records, that training is reproducible, and that every checkpoint records device, torch version,

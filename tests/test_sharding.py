@@ -28,7 +28,7 @@ def placed(keys: list, seed: int, strategy: str = "uniform", shards: int = 5, sl
 @FAST
 @given(keys=any_keys, data=st.data(), seed=st.integers(0, 2**31))
 def test_uniform_placement_depends_only_on_key_and_seed(keys, data, seed):
-    """Removing records, adding others and shuffling the rows moves nobody (DESIGN §2.1, §2.2)."""
+    """Removing records, adding others and shuffling the rows moves nobody (docs/design.md §2.1, §2.2)."""
     full = placed(keys, seed)
     subset = data.draw(st.lists(st.sampled_from(keys), unique=True), label="subset")
     extra = data.draw(st.lists(st.integers(2**62 + 1, 2**63 - 1), unique=True, max_size=10), label="extra")

@@ -126,7 +126,7 @@ def _refuse(problems: set[str], hint: str = "") -> None:
 
 
 def _check_stacking(run: RunDir, config: Config, entries: dict, jobs: list[ShardJob], scratch: Path) -> None:
-    """The retrain must have used the live checkpoints' executor (and, on GPU, stack width: DESIGN §5)."""
+    """The retrain must have used the live checkpoints' executor (and, on GPU, stack width: docs/design.md §5)."""
     keys = ["executor", "stack_width"] if config.training.device.startswith("cuda") else ["executor"]
     problems = set()
     for job in jobs:

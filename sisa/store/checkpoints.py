@@ -13,7 +13,7 @@ checksums fail) is never trusted. No pickle anywhere.
 
 The fingerprint of slice k chains the fingerprint of slice k-1 with the config digest, the shard and the IDs,
 labels and features of slice k's rows: it covers exactly the records the checkpoint was trained on, so a stale
-checkpoint can never be mistaken for a fresh one (DESIGN §2.6), and a run can tell which checkpoints a change of
+checkpoint can never be mistaken for a fresh one (docs/design.md §2.6), and a run can tell which checkpoints a change of
 data leaves valid simply by recomputing the chain.
 """
 

@@ -31,7 +31,7 @@ log = logging.getLogger("sisa")
 # the loop and two lanes are slower (1.25-1.37x: their Python steps take turns); models whose matmuls or
 # convolutions dominate (600-128-100 Purchase MLP: 90k parameters, 784-256-10: 200k, the CNN) gain nothing from
 # stacking on one core (0.95-1.05x) and 1.6-1.76x from two lanes. On CUDA (batched mode) the stack replaces S launch-bound shards by
-# one: DESIGN §7 measured 13-35x (MLP) and 2.9x (CNN) on an H100.
+# one: docs/design.md §7 measured 13-35x (MLP) and 2.9x (CNN) on an H100.
 CPU_STACKED_MAX_PARAMS = 50_000
 
 

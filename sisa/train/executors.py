@@ -9,7 +9,7 @@ first use and kept for the life of the process). :func:`work_units` splits the j
 changes its bits.
 
 Every executor writes the same per-slice checkpoints, so the run directory does not depend on the executor.
-Each worker sets its own torch thread count from the config (DESIGN §2.7), so results do not depend on where a
+Each worker sets its own torch thread count from the config (docs/design.md §2.7), so results do not depend on where a
 shard ran. Training rows travel to workers by pickling, never through temporary files, so no copy of a record
 lands on disk outside the run directory (real erasure).
 """
@@ -33,7 +33,7 @@ log = logging.getLogger("sisa")
 
 Progress = Callable[[ShardResult], None]
 
-# The module a Dask worker must import to run a job; checked before any job is sent (DESIGN §7: otherwise the
+# The module a Dask worker must import to run a job; checked before any job is sent (docs/design.md §7: otherwise the
 # scheduler only logs a deserialization error and the caller waits forever).
 WORKER_MODULE = "sisa.train.shard"
 CONNECT_TIMEOUT = "30s"  # how long to keep trying to reach an existing scheduler

@@ -1,7 +1,7 @@
 """Sub-model architectures: a tabular MLP, a small image CNN, or a user's own ``torch.nn.Module``.
 
 Models are built from the config and the data's shape. Input preprocessing that the models do (a fixed scale, a
-reshape to an image) is fixed in config, never fitted on training rows (DESIGN §2.5). Initialisation draws from a
+reshape to an image) is fixed in config, never fitted on training rows (docs/design.md §2.5). Initialisation draws from a
 generator seeded by (seed, shard) only.
 """
 

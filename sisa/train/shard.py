@@ -91,7 +91,7 @@ def resolve_device(device: str) -> str:
 
 
 def configure_torch(spec: TrainSpec) -> None:
-    """Per-process torch settings that are part of the result: thread count and determinism (DESIGN §2.7).
+    """Per-process torch settings that are part of the result: thread count and determinism (docs/design.md §2.7).
 
     Deterministic mode is switched on for CUDA, where it selects deterministic kernels. On CPU the kernels sisa
     uses are deterministic at a fixed thread count already (the exactness tests prove it), and switching the mode

@@ -14,7 +14,7 @@ executor.
   around the kernels: one optimizer update, one backward call and one Python step for the whole stack.
 - **batched** (CUDA): one kernel per layer for the whole stack — ``baddbmm`` for the MLP, a grouped convolution
   for the CNN, ``torch.vmap`` over ``functional_call`` for any other module — on a fixed ``[width, batch]`` shape.
-  There a shard's bits depend on the stack width (DESIGN §7) but not on the other shards' values, so the stacking
+  There a shard's bits depend on the stack width (docs/design.md §7) but not on the other shards' values, so the stacking
   rule in :mod:`sisa.train.stacking` keeps every shard at the same width and position whenever it trains.
 """
 

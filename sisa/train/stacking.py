@@ -16,7 +16,7 @@ loop's format, the moment that shard finishes a slice.
 - CPU (``exact`` mode): a shard's bits equal the loop's, at any stack width, for any model. So a retrain stacks
   only the affected shards: its cost grows with the number of affected shards, not with S. The jobs are split into
   ``training.stack_threads`` lanes, threads that train their own groups side by side on the other cores.
-- CUDA (``batched`` mode): a shard's bits depend on the width of the kernels it runs in (DESIGN §7), not on the
+- CUDA (``batched`` mode): a shard's bits depend on the width of the kernels it runs in (docs/design.md §7), not on the
   other shards' values. So shards are grouped by shard number (group ``shard // width``, slot ``shard % width``)
   and every step runs the full group width — a retrain puts the affected shards in their original slots and fills
   the rest with idle zero shards (unaffected shards "ride along" as placeholders and nothing of them is kept).
