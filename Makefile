@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU wheel; installing it first keeps pip from pulling a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install data demo test test-all lint format bench clean
+.PHONY: install data demo test test-all lint format bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ format: install
 
 bench: install
 	$(PY) scripts/bench_unlearning.py --json bench-results/bench.json
+
+# on a GPU machine, with its own Python and torch (no install): see README "GPU check"
+OUT ?= bench-results/gpu
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) runs bench-results
