@@ -49,8 +49,8 @@ from bench_throughput import _random_ensemble  # noqa: E402
 
 from sisa import costs  # noqa: E402
 from sisa.aggregation import Ensemble  # noqa: E402
-from sisa.datasets import make_purchase  # noqa: E402
 from sisa.fitting import train  # noqa: E402
+from sisa.tables.datasets import make_purchase  # noqa: E402
 from sisa.unlearning import delete  # noqa: E402
 
 # top-level keys: each is copied from the section result that holds it (null where none does)
