@@ -1,6 +1,6 @@
 """Carrying out one journaled deletion request (docs/design.md, "Deletion lifecycle", steps 3-5).
 
-:func:`apply_entry` tombstones the records in the index, purges their rows from the shard data, retrains each
+:func:`apply_entry` tombstones the records in the index, purges their rows from the affected slice files, retrains each
 affected shard once from its earliest affected slice (:func:`sisa.refresh.refresh`), swaps the manifest, deletes
 every checkpoint trained on the records and marks the entry applied with its receipt. It is idempotent, so replaying
 a request interrupted at any point (even kill -9) gives the uninterrupted end state.
@@ -13,17 +13,25 @@ import time
 import numpy as np
 
 from .refresh import refresh
-from .store.files import atomic_write_bytes, parquet_bytes, sha256_bytes
+from .store.files import sha256_bytes
 from .store.index import RecordIndex, keyed_id_hashes
 from .store.journal import Journal
 from .store.rundir import RunDir
-from .store.shardfile import data_file, record_ids
+from .store.shardfile import ShardRows, slice_file, to_bytes
+
+# slice files already read and verified in this process: (shard, slice) -> (rows, sha256 of the file's bytes)
+Loaded = dict[tuple[int, int], tuple[ShardRows, str]]
 
 
 def apply_entry(
-    run: RunDir, entry: dict, index: RecordIndex | None = None, positions: np.ndarray | None = None
+    run: RunDir,
+    entry: dict,
+    index: RecordIndex | None = None,
+    positions: np.ndarray | None = None,
+    loaded: Loaded | None = None,
 ) -> dict:
-    """Carry out a journaled request (idempotent). Caller holds the writer lock."""
+    """Carry out a journaled request (idempotent). Caller holds the writer lock. ``loaded``: slice files the
+    caller read and verified for this request (a replay reads them itself)."""
     t0 = time.perf_counter()
     secret = run.secret()
     shards = sorted(int(s) for s in entry["shards"])
@@ -31,17 +39,20 @@ def apply_entry(
     if index is None:
         index = run.index()  # verified: the manifest's version, or the one this request staged
         positions = _positions_by_hash(index, secret, entry["id_hashes"], shards)
+    slices = affected_slices(entry, run.config().sharding.slices)
     files: dict[str, bytes] = {}
     if positions is not None and len(positions):
         index.remove(positions, secret, entry["request_id"], subject_hashes=entry.get("subject_hashes", []))
-        files.update(index.to_bytes())
+        files.update(index.to_bytes(index.changed))
+    loaded = dict(loaded or {})
     for s in shards:
-        files.update(_purged_shard_data(run, index, s))
+        files.update(_purged_slices(run, index, s, slices[s], loaded))
     if files:  # write-ahead: the checksums go into the journal before the files change
         entry = journal.stage(entry, {rel: sha256_bytes(data) for rel, data in files.items()})
-        for rel, data in files.items():  # tombstones before the index (see RecordIndex.save)
-            atomic_write_bytes(run.root / rel, data)
-    report = refresh(run, shards, staged=entry.get("staged", {}))
+        run.write_files(files)  # tombstones before the index files (see RecordIndex.to_bytes)
+    report = refresh(
+        run, shards, metrics=False, staged=entry.get("staged", {}), changed=slices, loaded=loaded
+    )
     receipt = {
         "request_id": entry["request_id"],
         "status": "applied",
@@ -71,11 +82,28 @@ def _positions_by_hash(
     return in_shards[[h in wanted for h in hashes]] if len(in_shards) else in_shards
 
 
-def _purged_shard_data(run: RunDir, index: RecordIndex, shard: int) -> dict[str, bytes]:
-    """The shard's data file without rows that are no longer in the index (the real erasure); {} if unchanged."""
-    frame = run.shard_frame(shard)  # verified: the manifest's version, or the one this request staged
-    live = index.active.loc[index.active["shard"] == shard, "record_id"]
-    keep = record_ids(frame).isin(live).to_numpy()
-    if keep.all():
-        return {}
-    return {data_file(shard): parquet_bytes(frame.loc[keep].reset_index(drop=True))}
+def affected_slices(entry: dict, slices: int) -> dict[int, set[int]]:
+    """Per shard, the slices whose rows a request removes: recorded when it was journaled (every slice from the
+    earliest affected one for entries that did not record them)."""
+    recorded = entry.get("slices")
+    if recorded is not None:
+        return {int(s): {int(k) for k in ks} for s, ks in recorded.items()}
+    return {int(s): set(range(int(k), slices)) for s, k in entry["shards"].items()}
+
+
+def _purged_slices(
+    run: RunDir, index: RecordIndex, shard: int, slices: set[int], loaded: Loaded
+) -> dict[str, bytes]:
+    """The shard's affected slice files without rows that are no longer in the index (the real erasure); only
+    those that change. Each is read verified (the manifest's version, or the one this request staged) unless the
+    caller already did; ``loaded`` is updated with the purged rows."""
+    live = index.active.loc[index.active["shard"] == shard]
+    out = {}
+    for k in sorted(slices):
+        rows = loaded[(shard, k)][0] if (shard, k) in loaded else run.shard_rows(shard, [k])
+        keep = rows.ids.isin(live.loc[live["slice"] == k, "record_id"]).to_numpy()
+        if not keep.all():
+            data = to_bytes(rows.take(keep))
+            out[slice_file(shard, k)] = data
+            loaded[(shard, k)] = (rows.take(keep), sha256_bytes(data))
+    return out

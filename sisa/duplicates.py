@@ -12,7 +12,7 @@ import numpy as np
 
 from .store.index import RecordIndex
 from .store.rundir import RunDir
-from .store.shardfile import ROW_HASH, record_ids, row_keys
+from .store.shardfile import row_keys
 
 
 def find_duplicates(run: RunDir, index: RecordIndex, positions: np.ndarray) -> list:
@@ -20,26 +20,25 @@ def find_duplicates(run: RunDir, index: RecordIndex, positions: np.ndarray) -> l
 
     Every shard file is read through the checksum-verified read; candidates by row hash, confirmed by bytes."""
     config = run.config()
-    names = config.data.features
     doomed = index.active.iloc[positions]
     doomed_ids = set(doomed["record_id"].tolist())
     targets: dict[int, list[bytes]] = {}
     for shard in sorted(doomed["shard"].unique().tolist()):
-        frame = run.shard_frame(int(shard))
-        rows = frame.loc[record_ids(frame).isin(doomed_ids).to_numpy()]
-        for h, key in zip(rows[ROW_HASH].to_numpy(), row_keys(rows, names), strict=True):
+        rows = run.shard_rows(int(shard))
+        rows = rows.take(rows.ids.isin(doomed_ids).to_numpy())
+        for h, key in zip(rows.row_hashes, row_keys(rows), strict=True):
             targets.setdefault(int(h), []).append(key)
     found = []
     for shard in range(config.sharding.shards):
-        frame = run.shard_frame(shard)
-        ids = record_ids(frame)
-        hit = frame[ROW_HASH].isin(list(targets)).to_numpy() & ~ids.isin(doomed_ids).to_numpy()
+        rows = run.shard_rows(shard)
+        hit = (
+            np.isin(rows.row_hashes, np.array(list(targets), dtype=np.uint64))
+            & ~rows.ids.isin(doomed_ids).to_numpy()
+        )
         if not hit.any():
             continue
-        rows = frame.loc[hit]
-        for rid, h, key in zip(
-            record_ids(rows), rows[ROW_HASH].to_numpy(), row_keys(rows, names), strict=True
-        ):
+        rows = rows.take(hit)
+        for rid, h, key in zip(rows.ids, rows.row_hashes, row_keys(rows), strict=True):
             if key in targets.get(int(h), []):
                 found.append(rid.item() if isinstance(rid, np.generic) else rid)
     return sorted(found, key=str)

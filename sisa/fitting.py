@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .config import Config
@@ -19,7 +20,7 @@ from .sharding import place
 from .store.files import writer_lock
 from .store.index import RecordIndex
 from .store.rundir import RunDir
-from .store.shardfile import build_frame, training_order
+from .store.shardfile import build_rows, slice_file, to_bytes, training_order
 from .tables.table import Table, read_table, validate_table
 from .train.choice import choose_training
 from .train.shard import resolve_device
@@ -69,12 +70,13 @@ def create_run(
             labels=table.labels,
             deletion_prob=table.deletion_prob,
         )
-    index = RecordIndex.build(table.ids, placement, table.subjects)
-    run.write_index(index)
-    frame = build_frame(table.ids, table.labels, table.features, table.feature_names, placement)
+    S, R = config.sharding.shards, config.sharding.slices
+    run.write_files(RecordIndex.build(table.ids, placement, table.subjects).to_bytes(range(S)))
+    rows = build_rows(table.ids, table.labels, table.features, placement["slice"], placement["order"])
     shard_of = placement["shard"].to_numpy()
-    for s in range(config.sharding.shards):
-        run.write_shard_frame(s, training_order(frame.loc[shard_of == s]))
+    for s in range(S):
+        shard = training_order(rows.take(np.flatnonzero(shard_of == s)))
+        run.write_files({slice_file(s, k): to_bytes(shard.slice(k)) for k in range(R)})
     return run
 
 

@@ -17,11 +17,28 @@ from dataclasses import dataclass, field
 from .config import Config
 from .evaluation import evaluate
 from .exceptions import IntegrityError
-from .store.checkpoints import checkpoint_name, is_complete
-from .store.files import clean_temp_files, parse_parquet, remove_tree, sha256_bytes, sha256_file
-from .store.index import INDEX_FILE, TOMBSTONES_FILE
+from .store.checkpoints import checkpoint_name, fingerprint_chain, is_complete, load_checkpoint
+from .store.files import (
+    clean_temp_files,
+    fsync_dir,
+    read_verified,
+    remove_tree,
+    sha256_bytes,
+    sha256_file,
+    sync_filesystem,
+)
+from .store.index import TOMBSTONES_FILE, index_file
 from .store.rundir import RunDir
-from .store.shardfile import ShardData, data_file, fingerprints, shard_data
+from .store.shardfile import (
+    ShardData,
+    ShardRows,
+    concat,
+    from_bytes,
+    shard_data,
+    shard_dir,
+    slice_digest,
+    slice_file,
+)
 from .train.executors import run_jobs
 from .train.shard import ShardJob, ShardResult, TrainSpec
 
@@ -44,56 +61,111 @@ def train_spec(run: RunDir, config: Config) -> TrainSpec:
         config_digest=config.digest(),
         checkpoint_root=str(run.checkpoint_root),
         device=config.training.device,
+        # this machine's processes share its page cache: one barrier before the manifest swap makes their
+        # checkpoints durable; Dask workers may write through another machine's cache: each syncs its own
+        sync_checkpoints=config.training.backend == "dask",
     )
 
 
-def plan(
-    run: RunDir, config: Config, shards: list[int], check: Callable[[str, str], None] | None = None
-) -> tuple[list[ShardJob], dict[int, ShardData], dict]:
-    """Jobs for the shards whose checkpoint chain is incomplete, their data, and their chains/checksums.
+Check = Callable[[str, str], None]
 
-    Each shard data file is read once; ``check(relative path, sha256)`` vets its bytes before they are parsed."""
-    digest, R = config.digest(), config.sharding.slices
+
+def plan(
+    run: RunDir,
+    config: Config,
+    shards: list[int],
+    check: Check | None = None,
+    changed: dict[int, set[int]] | None = None,
+    loaded: dict | None = None,
+) -> tuple[list[ShardJob], dict[int, ShardData], dict]:
+    """Jobs for the shards whose checkpoint chain is incomplete, their data, and their chains and files.
+
+    ``changed``: per shard, the slices whose files a request rewrote; only those are read to recompute their
+    digests, the others' come from the live manifest (training reads every slice file of a shard it retrains,
+    each checked). None: every digest from the bytes (training, verify, repair). ``check(relative path, sha256)``
+    vets each file's bytes before they are parsed; ``loaded``: (shard, slice) -> (rows, sha256) this process
+    already read and verified (they are vetted again by their checksum, not read again)."""
+    digest, R, n_f = config.digest(), config.sharding.slices, len(config.data.features)
+    live = {e["shard"]: e for e in (run.manifest() or {}).get("shards", [])}
+    files_sha = (run.manifest() or {}).get("files", {})
     jobs, data, chains = [], {}, {}
     for s in shards:
-        path = run.data_path(s)
-        if not path.is_file():
-            raise IntegrityError(path, "file is missing")
-        raw = path.read_bytes()
-        sha = sha256_bytes(raw)
-        if check:
-            check(data_file(s), sha)
-        frame = parse_parquet(raw, path)
-        d = shard_data(frame, config.data.features, R)
-        fps = fingerprints(digest, s, frame, d)
-        chains[s] = {"fingerprints": fps, "records": int(len(frame)), "sha256": sha}
-        first_missing = next(
-            (k for k in range(R) if not is_complete(run.shard_checkpoints(s) / checkpoint_name(k, fps[k]))), R
-        )
-        if first_missing < R:
-            jobs.append(ShardJob(s, first_missing, tuple(fps)))
-            data[s] = d
+        entry = live.get(s)
+        known = changed is not None and entry is not None and "digests" in entry
+        reread = set(range(R)) if not known else set(changed.get(s, ()))
+        parts, shas = {}, {}
+        for k in sorted(reread):
+            parts[k], shas[k] = _read_slice(run, s, k, n_f, check, loaded)
+        digests = [slice_digest(parts[k]) if k in parts else entry["digests"][k] for k in range(R)]
+        counts = [len(parts[k]) if k in parts else entry["slice_records"][k] for k in range(R)]
+        fps = fingerprint_chain(digest, s, digests)
+        first = _first_missing(run, s, fps, set(entry["checkpoints"]) if entry else set())
+        if first < R:
+            for k in range(R):
+                if k not in parts:
+                    parts[k], shas[k] = _read_slice(run, s, k, n_f, check, loaded)
+            jobs.append(ShardJob(s, first, tuple(fps)))
+            data[s] = shard_data(concat([parts[k] for k in range(R)], n_f), R)
+        files = {slice_file(s, k): shas.get(k) or files_sha.get(slice_file(s, k)) for k in range(R)}
+        chains[s] = {"fingerprints": fps, "digests": digests, "slice_records": counts, "files": files}
     return jobs, data, chains
 
 
+def _read_slice(
+    run: RunDir, shard: int, k: int, n_features: int, check: Check | None, loaded: dict | None
+) -> tuple[ShardRows, str]:
+    rel = slice_file(shard, k)
+    if loaded and (shard, k) in loaded:
+        rows, sha = loaded[(shard, k)]
+    else:
+        raw = read_verified(run.root / rel)
+        rows, sha = None, sha256_bytes(raw)
+    if check:
+        check(rel, sha)
+    return (rows if rows is not None else from_bytes(raw, run.root / rel, n_features)), sha
+
+
+def _first_missing(run: RunDir, shard: int, fps: list[str], live: set[str]) -> int:
+    """The first slice whose checkpoint is missing. A complete folder the live manifest does not name (left by an
+    interrupted retrain, written before its durability barrier) is trusted only after a full checksum load."""
+    for k, fp in enumerate(fps):
+        folder = run.shard_checkpoints(shard) / checkpoint_name(k, fp)
+        if not is_complete(folder):
+            return k
+        if folder.name not in live:
+            try:
+                load_checkpoint(folder, fp)
+            except IntegrityError:
+                remove_tree(folder)
+                return k
+    return len(fps)
+
+
 def refresh(
-    run: RunDir, shards: list[int] | None = None, metrics: bool = True, staged: dict[str, str] | None = None
+    run: RunDir,
+    shards: list[int] | None = None,
+    metrics: bool = True,
+    staged: dict[str, str] | None = None,
+    changed: dict[int, set[int]] | None = None,
+    loaded: dict | None = None,
 ) -> RefreshReport:
     """Retrain what the stored data invalidated, swap the manifest, delete stale checkpoints. Caller holds the lock.
 
-    Every data file it reads must match the old manifest or ``staged`` (the checksums a pending deletion recorded
-    before writing): a corrupted file is never trained on. Refreshing a run that is already consistent changes
-    nothing, not even the generation, so replaying an interrupted request is idempotent."""
+    Every data file it reads must match the old manifest or ``staged`` (the checksums a pending request recorded
+    before writing): a corrupted file is never trained on. ``changed``: the slices a request rewrote (see
+    :func:`plan`). ``metrics``: score the test table into the manifest (training only; a deletion never waits for
+    it). Refreshing a run that is already consistent changes nothing, not even the generation, so replaying an
+    interrupted request is idempotent."""
     t0 = time.perf_counter()
     config = run.config()
     old = run.manifest()
     shards = list(range(config.sharding.shards)) if shards is None else sorted(set(shards))
     staged = staged or {}
     jobs, data, chains = plan(
-        run, config, shards, lambda rel, sha: _check_files(run, old, {rel: sha}, staged)
+        run, config, shards, lambda rel, sha: _check_files(run, old, {rel: sha}, staged), changed, loaded
     )
-    current = {data_file(s): chains[s]["sha256"] for s in shards}
-    index_files = {n: sha256_file(run.root / n) for n in (INDEX_FILE, TOMBSTONES_FILE)}
+    current = {rel: sha for s in shards for rel, sha in chains[s]["files"].items()}
+    index_files = {n: sha256_file(run.root / n) for n in (TOMBSTONES_FILE, *(index_file(s) for s in shards))}
     _check_files(run, old, index_files, staged)
     current.update(index_files)
     spec = train_spec(run, config)
@@ -103,6 +175,10 @@ def refresh(
     )
     if bar:
         bar.close()
+    if jobs and not spec.sync_checkpoints:
+        sync_filesystem(
+            run.checkpoint_root
+        )  # the one barrier: every new checkpoint durable before it is named
     entries = {e["shard"]: e for e in (old["shards"] if old else [])}
     files = dict(old["files"]) if old else {}
     before = {s: entries[s]["fingerprint"] for s in shards if s in entries}
@@ -110,9 +186,11 @@ def refresh(
         fps = chains[s]["fingerprints"]
         entries[s] = {
             "shard": s,
-            "records": chains[s]["records"],
+            "records": int(sum(chains[s]["slice_records"])),
             "fingerprint": fps[-1],
             "checkpoints": [checkpoint_name(k, fp) for k, fp in enumerate(fps)],
+            "digests": chains[s]["digests"],
+            "slice_records": [int(n) for n in chains[s]["slice_records"]],
         }
     files.update(current)
     generation = (old["generation"] if old else 0) + 1
@@ -130,7 +208,7 @@ def refresh(
         manifest, generation = old, old["generation"]  # nothing changed: keep the live generation
     else:
         if metrics:
-            manifest["metrics"] = evaluate(run, config, manifest)
+            manifest["metrics"] = {**evaluate(run, config, manifest), "generation": generation}
         run.write_manifest(manifest)
     collect_garbage(run, manifest, shards)
     return RefreshReport(
@@ -152,16 +230,20 @@ def _check_files(run: RunDir, old: dict | None, current: dict[str, str], staged:
 
 
 def collect_garbage(run: RunDir, manifest: dict, shards: list[int]) -> None:
-    """Delete every checkpoint folder of ``shards`` that the manifest does not name (real erasure)."""
+    """Delete every checkpoint folder of ``shards`` that the manifest does not name (real erasure); each shard's
+    folder is fsynced once, after its removals."""
     live = {e["shard"]: set(e["checkpoints"]) for e in manifest["shards"]}
     for s in shards:
         folder = run.shard_checkpoints(s)
         clean_temp_files(folder)
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if p.name not in live.get(s, set()):
-                    remove_tree(p)
-    clean_temp_files(run.data_dir)
+        stale = [p for p in folder.iterdir() if p.name not in live.get(s, set())] if folder.is_dir() else []
+        for p in stale:
+            remove_tree(p, sync=False)
+        if stale:
+            fsync_dir(folder)
+    for s in shards:
+        clean_temp_files(run.root / shard_dir(s))
+    clean_temp_files(run.root / "index")
     clean_temp_files(run.root)
 
 

@@ -34,7 +34,7 @@ def repair(
         config, manifest = run.config(), run.require_manifest()
         shards = sorted(set(shards)) if shards else list(range(config.sharding.shards))
         for s in shards:
-            _require_intact(lambda s=s: run.shard_frame(s))
+            _require_intact(lambda s=s: run.shard_rows(s))
         _require_intact(run.index)
         chains = plan(run, config, shards)[2]
         named = {e["shard"]: e["checkpoints"] for e in manifest["shards"]}

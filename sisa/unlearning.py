@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .deletion import apply_entry
+from .deletion import Loaded, apply_entry
 from .duplicates import find_duplicates
-from .exceptions import IntegrityError, UnknownRecordError, UsageError
+from .exceptions import UnknownRecordError, UsageError
 from .session import writer_session
 from .store.checkpoints import load_checkpoint
-from .store.files import sha256_file
+from .store.files import read_verified, sha256_bytes
 from .store.index import RecordIndex, coerce_ids, keyed_id_hashes
 from .store.journal import Journal, new_request_id
 from .store.rundir import RunDir
-from .store.shardfile import data_file
+from .store.shardfile import from_bytes, shard_files
 
 
 def delete(
@@ -66,7 +66,7 @@ def delete(
         affected = rows.groupby("shard")["slice"].min().astype(int).to_dict()
         manifest = run.require_manifest()
         before = {e["shard"]: e["fingerprint"] for e in manifest["shards"] if e["shard"] in affected}
-        _require_retrainable(run, manifest, affected)
+        loaded = _require_retrainable(run, manifest, affected)
         journal = Journal(run.journal_dir)
         entry = journal.begin(
             request_id or new_request_id(),
@@ -76,6 +76,10 @@ def delete(
             len(positions),
             before,
             extra={
+                "slices": {
+                    str(s): sorted({int(k) for k in g})
+                    for s, g in rows.groupby("shard")["slice"].unique().items()
+                },
                 "subject_rows": {
                     h: n
                     for h, n in zip(
@@ -83,12 +87,12 @@ def delete(
                         subject_rows.values(),
                         strict=True,
                     )
-                }
+                },
             },
         )
         if on_ack:  # with the caller's own already-deleted IDs, which the journal never stores
             on_ack({**entry, "already_deleted": already})
-        receipt = apply_entry(run, entry, index, positions)
+        receipt = apply_entry(run, entry, index, positions, loaded)
         receipt["already_deleted"] = already
         if duplicates != "ignore":  # returned to the caller only: the stored receipt never names record IDs
             receipt["duplicates_deleted" if duplicates == "delete" else "duplicates_found"] = dupes
@@ -134,15 +138,18 @@ def _as_index_type(value, index: RecordIndex):
     return coerce_ids([value], index.active["subject_id"])[0]
 
 
-def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) -> None:
-    """Before acknowledging, check the files the retrain will need (shard data, the checkpoint it resumes from):
-    a corrupted one fails the request now, with nothing changed, instead of leaving it pending."""
+def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) -> Loaded:
+    """Before acknowledging, check the files the retrain will need (every slice file of each affected shard, the
+    checkpoint it resumes from): a corrupted one fails the request now, with nothing changed, instead of leaving
+    it pending. Returns the slices read, which the retrain then uses instead of reading them again."""
     entries = {e["shard"]: e for e in manifest["shards"]}
+    slices, n_f = run.config().sharding.slices, len(run.config().data.features)
+    loaded: Loaded = {}
     for s, k in affected.items():
-        path = run.data_path(s)
-        if not path.is_file():
-            raise IntegrityError(path, "file is missing")
-        if sha256_file(path) != manifest["files"].get(data_file(s)):
-            raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
+        names = shard_files(s, slices)
+        files = {n: read_verified(run.root / n, manifest["files"].get(n)) for n in names}
+        for j, n in enumerate(names):
+            loaded[(s, j)] = (from_bytes(files[n], run.root / n, n_f), sha256_bytes(files[n]))
         if k > 0:
             load_checkpoint(run.shard_checkpoints(s) / entries[s]["checkpoints"][k - 1])
+    return loaded

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from sisa.cli import main as cli
-from sisa.store.files import CRASH_AT_ENV, CRASH_LOG_ENV, read_parquet, reset_crash_counter, temp_leftovers
+from sisa.store.files import CRASH_AT_ENV, CRASH_LOG_ENV, reset_crash_counter, temp_leftovers
 from sisa.store.journal import Journal
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
@@ -75,12 +75,14 @@ def setup(tmp_path_factory) -> Setup:
 PHASES = [
     (r"(write|torn|replace|replaced):journal/", [0, 1, 2, 3]),  # around the acknowledgement
     (r"replaced:journal/", [1]),  # checksums staged in the journal
-    (r"replaced:tombstones\.parquet$", [0]),  # between the two index files
-    (r"torn:index\.parquet$", [0]),
-    (r"replaced:data/shard-000\.parquet$", [0]),  # purging shard data
-    (r"torn:data/shard-001\.parquet$", [0]),
+    (r"replaced:tombstones\.arrow$", [0]),  # between the tombstones and the shards' index files
+    (r"torn:index/shard-000\.arrow$", [0]),
+    (r"replaced:index/shard-001\.arrow$", [0]),
+    (r"replaced:data/shard-000/slice-000\.arrow$", [0]),  # purging the touched slices only
+    (r"torn:data/shard-001/slice-002\.arrow$", [0]),
     (r"write:checkpoints/shard-000/slice-000-.*/model", [0]),  # inside a checkpoint's temp folder
-    (r"replaced:checkpoints/", None),  # between checkpoint writes
+    (r"replaced:checkpoints/", None),  # between checkpoint writes (not yet synced)
+    (r"sync:checkpoints$", [0]),  # the one durability barrier before the manifest swap
     (r"(torn|replace|replaced):manifest\.json$", None),  # the manifest swap
     (r"remove:checkpoints/shard-", [0]),  # deleting invalidated checkpoints
     (r"rmdir:checkpoints/", [0]),
@@ -155,9 +157,9 @@ def assert_like_reference(run: Path, ref: RunDir) -> None:
     got = RunDir(run)
     assert_runs_identical(got, ref)
     m, mr = got.manifest(), ref.manifest()
-    tomb = "tombstones.parquet"  # holds the request id, which differs between the two deletions
+    tomb = "tombstones.arrow"  # holds the request id, which differs between the two deletions
     assert {**m, "files": {**m["files"], tomb: ""}} == {**mr, "files": {**mr["files"], tomb: ""}}
-    t, tr = (read_parquet(r / tomb).drop(columns="request_id") for r in (run, ref.root))
+    t, tr = (pd.read_feather(r / tomb).drop(columns="request_id") for r in (run, ref.root))
     pd.testing.assert_frame_equal(t, tr)
     (entry,) = Journal(run / "journal").entries()
     (ref_entry,) = Journal(ref.journal_dir).entries()
@@ -183,7 +185,7 @@ def check_trials(setup: Setup, trials: dict[int, Path]) -> None:
 def test_the_deletion_has_enough_distinct_crash_points(setup):
     assert len(setup.points) >= 40
     kinds = {p.split(":")[0] for p in setup.points}
-    assert {"write", "torn", "replace", "replaced", "remove", "rmdir"} <= kinds
+    assert {"write", "torn", "replace", "replaced", "sync", "remove", "rmdir"} <= kinds
     assert setup.points[0].startswith("write:journal/del-")  # the journal comes first
     assert setup.acknowledged_from == 4
 

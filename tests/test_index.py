@@ -12,14 +12,20 @@ import pytest
 
 from sisa.exceptions import IntegrityError
 from sisa.sharding import place
+from sisa.store.files import read_verified
 from sisa.store.index import RecordIndex, coerce_ids, keyed_id_hashes
 
 SECRET = bytes(range(32))
+SHARDS = 3
+
+
+def reader(root, sha: dict[str, str]):
+    return lambda rel: read_verified(root / rel, sha[rel])
 
 
 def build(ids: pd.Series, subjects: pd.Series | None = None) -> RecordIndex:
     keys = subjects if subjects is not None else ids
-    return RecordIndex.build(ids, place(keys, ids, shards=3, slices=2, seed=4), subjects)
+    return RecordIndex.build(ids, place(keys, ids, shards=SHARDS, slices=2, seed=4), subjects)
 
 
 def emails(n: int) -> pd.Series:
@@ -32,11 +38,21 @@ def emails(n: int) -> pd.Series:
 def test_save_load_round_trip(tmp_path, ids):
     idx = build(ids)
     idx.remove(np.array([4, 9]), SECRET, "req-1")
-    sha = idx.save(tmp_path / "index.parquet")
-    assert sorted(sha) == ["index.parquet", "tombstones.parquet"]
-    back = RecordIndex.load(tmp_path / "index.parquet", sha)
-    pd.testing.assert_frame_equal(back.active, idx.active, check_dtype=False)
-    assert back.active["record_id"].tolist() == idx.active["record_id"].tolist()
+    sha = idx.save(tmp_path, SHARDS)
+    assert sorted(sha) == [
+        "index/shard-000.arrow",
+        "index/shard-001.arrow",
+        "index/shard-002.arrow",
+        "tombstones.arrow",
+    ]
+    back = RecordIndex.load(reader(tmp_path, sha), SHARDS)
+    order = ["shard", "slice", "order"]  # files hold one shard each: rows come back grouped by shard
+    pd.testing.assert_frame_equal(
+        back.active.sort_values(order, kind="stable").reset_index(drop=True),
+        idx.active.sort_values(order, kind="stable").reset_index(drop=True),
+        check_dtype=False,
+    )
+    assert sorted(back.active["record_id"].tolist()) == sorted(idx.active["record_id"].tolist())
     assert back.active["shard"].dtype == np.int32 and back.active["order"].dtype == np.uint64
     assert back.tombstones["id_hash"].tolist() == idx.tombstones["id_hash"].tolist()
     assert back.tombstones["request_id"].tolist() == ["req-1", "req-1"]
@@ -46,13 +62,22 @@ def test_save_load_round_trip(tmp_path, ids):
 
 def test_load_verifies_checksums(tmp_path):
     idx = build(pd.Series(np.arange(10)))
-    sha = idx.save(tmp_path / "index.parquet")
+    sha = idx.save(tmp_path, SHARDS)
     with pytest.raises(IntegrityError) as err:
-        RecordIndex.load(tmp_path / "index.parquet", {**sha, "index.parquet": "0" * 64})
+        RecordIndex.load(reader(tmp_path, {**sha, "index/shard-001.arrow": "0" * 64}), SHARDS)
     assert str(err.value) == (
-        f"integrity check failed for {tmp_path / 'index.parquet'}: checksum mismatch (file changed or "
+        f"integrity check failed for {tmp_path / 'index/shard-001.arrow'}: checksum mismatch (file changed or "
         "truncated) (run `sisa repair` to rebuild it)"
     )
+
+
+def test_only_the_changed_shards_are_rewritten(tmp_path):
+    idx = build(pd.Series(np.arange(30)))
+    gone = int(idx.active["shard"].iloc[5])
+    idx.remove(np.array([5]), SECRET, "r")
+    assert idx.changed == {gone}
+    assert sorted(idx.to_bytes(idx.changed)) == sorted(["tombstones.arrow", f"index/shard-{gone:03d}.arrow"])
+    assert list(idx.to_bytes(idx.changed))[0] == "tombstones.arrow"  # written first
 
 
 def test_positions_of_100k_ids_is_vectorised():
@@ -112,8 +137,8 @@ def test_tombstones_answer_already_deleted_without_plain_ids(tmp_path):
     expected = hmac.new(SECRET, b"record:person7@example.org", hashlib.sha256).hexdigest()
     assert expected in set(idx.tombstones["id_hash"])
     assert keyed_id_hashes(["person7@example.org"], SECRET) == [expected]
-    idx.save(tmp_path / "index.parquet")
-    for name in ("tombstones.parquet", "index.parquet"):
+    idx.save(tmp_path, SHARDS)
+    for name in ("tombstones.arrow", *(f"index/shard-{s:03d}.arrow" for s in range(SHARDS))):
         blob = (tmp_path / name).read_bytes()
         assert b"person7@example.org" not in blob and b"person8@example.org" not in blob
         assert hashlib.sha256(b"person7@example.org").hexdigest().encode() not in blob

@@ -93,7 +93,7 @@ def test_a_stale_checkpoint_under_a_live_name_is_rejected(run):
         predict(run)
 
 
-@pytest.mark.parametrize("rel", ["manifest.json", "index.parquet", "tombstones.parquet"])
+@pytest.mark.parametrize("rel", ["manifest.json", "index/shard-001.arrow", "tombstones.arrow"])
 def test_a_torn_run_file_fails_status_with_its_name(run, rel, capsys):
     truncate(run.root / rel)
     with pytest.raises(IntegrityError) as exc:
@@ -105,15 +105,17 @@ def test_a_torn_run_file_fails_status_with_its_name(run, rel, capsys):
 
 @pytest.mark.parametrize("damage", [flip_byte, truncate])
 def test_a_damaged_shard_data_file_is_never_trained_on(run, damage, capsys):
-    path = run.data_path(0)
+    path = run.slice_path(0, 1)
     damage(path)
     with pytest.raises(IntegrityError) as exc:
-        run.shard_frame(0)
+        run.shard_rows(0)
     assert exc.value.path == str(path)
-    # a deletion in that shard is refused before it is acknowledged: nothing journaled, nothing changed
+    # a deletion in that shard is refused before it is acknowledged, even from another slice (the retrain reads
+    # every slice): nothing journaled, nothing changed
     before = run.manifest()
-    (rid,) = run.index().active.loc[run.index().active["shard"] == 0, "record_id"].head(1)
-    with pytest.raises(IntegrityError, match=r"shard-000\.parquet: checksum mismatch"):
+    index = run.index().active
+    (rid,) = index.loc[(index["shard"] == 0) & (index["slice"] == 2), "record_id"].head(1)
+    with pytest.raises(IntegrityError, match=r"shard-000/slice-001\.arrow: checksum mismatch"):
         delete(run.root, [rid])
     assert Journal(run.journal_dir).entries() == [] and run.manifest() == before
     assert cli.main(["verify", "--run", str(run.root)]) == 5
@@ -155,7 +157,7 @@ def test_repair_of_one_shard_leaves_the_others_alone(run, base):
 
 
 def test_repair_cannot_rebuild_shard_data_and_says_so(run, capsys):
-    path = run.data_path(1)
+    path = run.slice_path(1, 0)
     flip_byte(path)
     with pytest.raises(UnrepairableError) as exc:
         repair(run.root)
@@ -186,11 +188,29 @@ def test_repair_finishes_a_deletion_interrupted_by_a_corrupted_checkpoint(run, b
 
 
 def test_recovery_never_trains_on_a_data_file_damaged_after_the_acknowledgement(run, capsys):
+    """The deletion is cut short right after its acknowledgement (as by kill -9) and a slice file is damaged:
+    the replay reads the shard from disk and refuses it; nothing is trained, the request stays pending."""
     index = run.index().active
-    rid = index.loc[index["shard"] == 0, "record_id"].iloc[0]
+    rid = index.loc[(index["shard"] == 0) & (index["slice"] == 2), "record_id"].iloc[0]
     before = run.manifest()
-    with pytest.raises(IntegrityError, match=r"shard-000\.parquet: checksum mismatch"):
-        delete(run.root, [rid], on_ack=lambda entry: flip_byte(run.data_path(0)))
-    assert cli.main(["status", "--run", str(run.root)]) == 5  # recovery refuses too
-    assert f"integrity check failed for {run.data_path(0)}" in capsys.readouterr().err
+
+    def crash(entry):
+        flip_byte(run.slice_path(0, 1))
+        raise KeyboardInterrupt  # the process ends here
+
+    with pytest.raises(KeyboardInterrupt):
+        delete(run.root, [rid], on_ack=crash)
+    assert cli.main(["status", "--run", str(run.root)]) == 5  # recovery refuses
+    assert f"integrity check failed for {run.slice_path(0, 1)}" in capsys.readouterr().err
     assert len(Journal(run.journal_dir).pending()) == 1 and run.manifest() == before
+
+
+def test_a_file_damaged_during_a_deletion_is_not_trained_on_and_is_reported(run, capsys):
+    """Damage after the files were verified: the retrain uses the bytes it verified, and the next reader
+    finds the damaged file."""
+    index = run.index().active
+    rid = index.loc[(index["shard"] == 0) & (index["slice"] == 2), "record_id"].iloc[0]
+    receipt = delete(run.root, [rid], on_ack=lambda entry: flip_byte(run.slice_path(0, 1)))
+    assert receipt["status"] == "applied"
+    assert cli.main(["verify", "--run", str(run.root)]) == 5
+    assert f"integrity check failed for {run.slice_path(0, 1)}" in capsys.readouterr().err

@@ -101,8 +101,11 @@ def test_journal_entries_hold_keyed_hashes_never_ids(email_run, tmp_path):
     for e in entries:
         assert all(re.fullmatch("[0-9a-f]{64}", h) for h in e["id_hashes"])
         # checksums of the files it rewrote, journaled before they were written
-        data_files = {f"data/shard-{int(s):03d}.parquet" for s in e["shards"]}
-        assert set(e["staged"]) == {"index.parquet", "tombstones.parquet", *data_files}
+        data_files = {
+            f"data/shard-{int(s):03d}/slice-{k:03d}.arrow" for s, ks in e["slices"].items() for k in ks
+        }
+        index_files = {f"index/shard-{int(s):03d}.arrow" for s in e["shards"]}
+        assert set(e["staged"]) == {"tombstones.arrow", *index_files, *data_files}  # only what changed
         assert all(re.fullmatch("[0-9a-f]{64}", h) for h in e["staged"].values())
     # the whole run directory holds no deleted ID, in any file
     assert not any(rid.encode() in all_bytes(run.root) for rid in ids)

@@ -155,10 +155,10 @@ def test_no_file_holds_a_deleted_id_or_its_feature_row(deleted):
     for rid, row in zip(gone, features, strict=True):
         assert not [p for p, b in blobs.items() if rid.encode() in b]
         assert not [p for p, b in blobs.items() if row.tobytes() in b]
-    for s in range(2):  # decoded Parquet too: compressed bytes could hide them from a byte search
-        frame = run.shard_frame(s)
-        assert not frame["_record_id"].isin(gone).any()
-        rows = {r.tobytes() for r in frame[[f"x{i}" for i in range(6)]].to_numpy(np.float32)}
+    for s in range(2):  # decoded rows too: an encoding could hide them from a byte search
+        stored = run.shard_rows(s)
+        assert not stored.ids.isin(gone).any()
+        rows = {r.tobytes() for r in stored.features}
         assert not rows & {r.tobytes() for r in features}
 
 
@@ -204,7 +204,7 @@ def test_erasure_check_without_ids_checks_the_run_itself(run):
     assert report.ok and [c.name for c in report.checks][-1] == "checkpoints"
     stray = run.shard_checkpoints(0) / "slice-000-0123456789abcdef"
     shutil.copytree(last_checkpoint(run, 0), stray)  # e.g. a checkpoint trained on a deleted record
-    leftover = run.root / "data" / ".tmp-shard-000.parquet.999"
+    leftover = run.root / "data" / "shard-000" / ".tmp-slice-000.arrow.999"
     leftover.write_bytes(b"half")
     report = check_erasure(run.root)
     assert not leftover.exists()  # opening the run cleared the leftover of an interrupted write
@@ -224,10 +224,12 @@ def test_erasure_check_finds_ids_and_rows_that_survive(run, deleted, capsys):
     failed = {c.name: c.detail for c in report.checks if not c.ok}
     assert failed["ids deleted"] == f"not deleted: [{alive!r}]"
     assert failed["ids in files"].startswith("found in [")
-    assert "'notes.log (raw bytes)'" in failed["ids in files"] and "index.parquet" in failed["ids in files"]
-    shard = int(run.index().active.set_index("record_id").loc[alive, "shard"])  # the live record's own row
+    where = run.index().active.set_index("record_id").loc[alive]  # the live record's own row
+    shard, k = int(where["shard"]), int(where["slice"])
+    assert "'notes.log (raw bytes)'" in failed["ids in files"]
+    assert f"index/shard-{shard:03d}.arrow" in failed["ids in files"]
     assert failed["feature rows"] == (
-        f"found in ['data/shard-{shard:03d}.parquet (row of {alive})', 'cache.bin (raw float32 bytes)']"
+        f"found in ['data/shard-{shard:03d}/slice-{k:03d}.arrow (row of {alive})', 'cache.bin (raw float32 bytes)']"
     )
     ids_file = run.root.parent / "ids.txt"
     ids_file.write_text(gone[0] + "\n")
@@ -241,7 +243,7 @@ def test_erasure_check_flags_a_tombstoned_id_that_is_still_active(run):
     active_hash = keyed_id_hashes([index.active["record_id"].iloc[0]], run.secret())[0]
     index.tombstones.loc[len(index.tombstones)] = [active_hash, "record", "del-forged"]
     manifest = run.manifest()
-    manifest["files"].update(run.write_index(index))
+    manifest["files"].update(run.write_files(index.to_bytes(range(run.config().sharding.shards))))
     atomic_write_json(run.manifest_path, manifest)
     report = check_erasure(run.root)
     failed = {c.name: c.detail for c in report.checks if not c.ok}

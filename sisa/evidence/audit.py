@@ -39,7 +39,7 @@ from ..sharding import keyed_hash64
 from ..store.index import RecordIndex, coerce_ids, keyed_id_hashes
 from ..store.journal import Journal
 from ..store.rundir import RunDir
-from ..store.shardfile import labels_of, record_ids
+from ..store.shardfile import concat
 from ..tables.table import Table, read_table, validate_table
 from .attacks import Group, aggregate_log_probs, compare_groups, headline_attack, loss_score, model_log_probs
 from .roc import AttackResult, evaluate_attack
@@ -74,10 +74,10 @@ def member_group(run: RunDir, cfg: Config, ensemble: Ensemble, limit: int, seed:
     rows = {s: i for i, s in enumerate(ensemble.shards)}
     feats, labels, target = [], [], []
     for s in ensemble.shards:
-        frame = run.shard_frame(s)
-        feats.append(frame[cfg.data.features].to_numpy(np.float32))
-        labels.append(labels_of(frame))
-        target.append(np.full(len(frame), rows[s]))
+        shard = run.shard_rows(s)
+        feats.append(shard.features)
+        labels.append(shard.labels)
+        target.append(np.full(len(shard), rows[s]))
     keep = _sample(sum(map(len, labels)), limit, seed, "members")
     return Group(np.concatenate(feats)[keep], np.concatenate(labels)[keep], np.concatenate(target)[keep])
 
@@ -159,14 +159,14 @@ def deleted_group(run: RunDir, cfg: Config, ensemble: Ensemble, table: Table, li
 def active_table(run: RunDir, cfg: Config) -> tuple[Table, pd.DataFrame]:
     """The run's current records as a Table in index order, and their persisted placement."""
     index = run.index()
-    frame = pd.concat([run.shard_frame(s) for s in range(cfg.sharding.shards)], ignore_index=True)
+    stored = concat([run.shard_rows(s) for s in range(cfg.sharding.shards)], len(cfg.data.features))
     active = index.active
-    pos = pd.Index(record_ids(frame)).get_indexer(active["record_id"])
-    frame = frame.iloc[pos].reset_index(drop=True)
+    pos = pd.Index(stored.ids).get_indexer(active["record_id"])
+    stored = stored.take(pos)
     table = Table(
         ids=active["record_id"].reset_index(drop=True),
-        labels=labels_of(frame),
-        features=np.ascontiguousarray(frame[cfg.data.features].to_numpy(np.float32)),
+        labels=stored.labels,
+        features=stored.features,
         feature_names=list(cfg.data.features),
         classes=list(cfg.data.classes),
         subjects=active["subject_id"].reset_index(drop=True) if index.has_subjects else None,

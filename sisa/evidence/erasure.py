@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..config import Config
@@ -30,7 +29,7 @@ from ..store.files import read_parquet, temp_leftovers
 from ..store.index import keyed_id_hashes
 from ..store.journal import Journal
 from ..store.rundir import RunDir
-from ..store.shardfile import RECORD_ID, data_file, fingerprints, record_ids, shard_data, slices_of
+from ..store.shardfile import RECORD_ID, ShardRows, fingerprints, shard_dir, slice_file
 from ..tables.table import read_table, validate_table
 
 # Shorter IDs ("42") occur by chance in any binary file: they are matched as values (Parquet ID columns, JSON).
@@ -78,7 +77,7 @@ def check_erasure(
         config, manifest = run.config(), run.require_manifest()
         index, secret = run.index(), run.secret()
         checks = [_check_journal(run, index), _check_tombstones(index, secret), _check_leftovers(run)]
-        frames = {s: run.shard_frame(s) for s in range(config.sharding.shards)}
+        frames = {s: run.shard_rows(s) for s in range(config.sharding.shards)}
         checks += [_check_data_files(index, frames), _check_checkpoints(run, config, manifest, frames)]
         rows = None
         if data is not None:
@@ -145,21 +144,21 @@ def _check_leftovers(run: RunDir) -> Check:
     return _check("leftovers", [f"found {left}"] if left else [], "no leftovers of interrupted writes")
 
 
-def _check_data_files(index, frames: dict[int, pd.DataFrame]) -> Check:
+def _check_data_files(index, frames: dict[int, ShardRows]) -> Check:
     problems = []
     for s, frame in frames.items():
         want = index.active.loc[index.active["shard"] == s, ["record_id", "slice"]]
-        have = pd.DataFrame({"record_id": record_ids(frame), "slice": slices_of(frame)})
+        have = pd.DataFrame({"record_id": frame.ids, "slice": frame.slices})
         a = want.astype(str).sort_values(["record_id", "slice"]).reset_index(drop=True)
         b = have.astype(str).sort_values(["record_id", "slice"]).reset_index(drop=True)
         if not a.equals(b):
-            problems.append(f"{data_file(s)} holds {len(b)} rows, the index {len(a)} (or others)")
+            problems.append(f"{shard_dir(s)}/ holds {len(b)} rows, the index {len(a)} (or others)")
     return _check(
         "data files", problems, f"{len(frames)} shard data file(s) hold exactly the index's records"
     )
 
 
-def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict[int, pd.DataFrame]) -> Check:
+def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict[int, ShardRows]) -> Check:
     problems, count = [], 0
     entries = {e["shard"]: e for e in manifest["shards"]}
     for folder in sorted(run.checkpoint_root.iterdir()) if run.checkpoint_root.is_dir() else []:
@@ -167,8 +166,7 @@ def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict
         if shard not in entries or shard not in frames:
             problems.append(f"stray folder {folder.relative_to(run.root)}")
             continue
-        d = shard_data(frames[shard], config.data.features, config.sharding.slices)
-        fps = fingerprints(config.digest(), shard, frames[shard], d)
+        fps = fingerprints(config.digest(), shard, frames[shard], config.sharding.slices)
         expected = [checkpoint_name(k, fp) for k, fp in enumerate(fps)]
         if entries[shard]["checkpoints"] != expected:
             problems.append(f"shard {shard}: manifest names checkpoints the stored data does not give")
@@ -246,7 +244,7 @@ def _id_checks(
         blob = path.read_bytes()
         if any(r in blob for r in raw):
             hits.append(f"{rel} (raw bytes)")
-        elif path.suffix == ".parquet" and texts & _parquet_id_values(path, id_columns):
+        elif path.suffix in TABLE_SUFFIXES and texts & _table_id_values(path, id_columns):
             hits.append(f"{rel} (ID column)")
         elif path.suffix == ".json" and texts & _json_strings(blob):
             hits.append(f"{rel} (JSON value)")
@@ -261,8 +259,11 @@ def _id_checks(
     ]
 
 
-def _parquet_id_values(path: Path, columns: tuple[str, ...]) -> set[str]:
-    frame = read_parquet(path)
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def _table_id_values(path: Path, columns: tuple[str, ...]) -> set[str]:
+    frame = pd.read_feather(path) if path.suffix == ".arrow" else read_parquet(path)
     return {str(v) for c in columns if c in frame for v in frame[c].dropna().tolist()}
 
 
@@ -287,15 +288,14 @@ def _search_rows(run: RunDir, config: Config, frames: dict, rows: dict, ids: lis
     wanted, deleted = set(rows.values()), {str(i) for i in ids}
     hits, shared = [], 0
     for s, frame in frames.items():
-        feats = np.ascontiguousarray(frame[config.data.features].to_numpy(np.float32))
-        for rid, feat in zip(record_ids(frame).tolist(), feats, strict=True):
+        for rid, k, feat in zip(frame.ids.tolist(), frame.slices, frame.features, strict=True):
             if feat.tobytes() in wanted:
                 if str(rid) in deleted:
-                    hits.append(f"{data_file(s)} (row of {rid})")
+                    hits.append(f"{slice_file(s, int(k))} (row of {rid})")
                 else:
                     shared += 1
     for path in _run_files(run):
-        if path.suffix != ".parquet":
+        if path.suffix not in TABLE_SUFFIXES:  # tables are searched value by value above
             blob = path.read_bytes()
             if any(r in blob for r in wanted):
                 hits.append(f"{path.relative_to(run.root).as_posix()} (raw float32 bytes)")

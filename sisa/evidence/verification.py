@@ -70,11 +70,11 @@ def verify(
             spec = dataclasses.replace(train_spec(run, config), checkpoint_root=scratch)
             jobs, data, records = [], {}, {}
             for s in shards:
-                frame = run.shard_frame(s)  # checksum-verified against the manifest
-                data[s] = shard_data(frame, config.data.features, config.sharding.slices)
-                fps = fingerprints(config.digest(), s, frame, data[s])
+                rows = run.shard_rows(s)  # every slice file checksum-verified against the manifest
+                data[s] = shard_data(rows, config.sharding.slices)
+                fps = fingerprints(config.digest(), s, rows, config.sharding.slices)  # from the bytes
                 jobs.append(ShardJob(s, 0, tuple(fps)))
-                records[s] = len(frame)
+                records[s] = len(rows)
             t0 = time.perf_counter()
             results = run_jobs(spec, jobs, data, config.training.executor)
             per_shard = (time.perf_counter() - t0) / max(len(jobs), 1)

@@ -11,8 +11,8 @@ A checkpoint is a folder ``checkpoints/shard-SSS/slice-KKK-<fingerprint16>/`` ho
 The folder is built under a ``.tmp-`` name and renamed into place, so a folder without ``COMPLETE`` (or whose
 checksums fail) is never trusted. No pickle anywhere.
 
-The fingerprint of slice k chains the fingerprint of slice k-1 with the config digest, the shard and the IDs,
-labels and features of slice k's rows: it covers exactly the records the checkpoint was trained on, so a stale
+The fingerprint of slice k chains the fingerprint of slice k-1 with the config digest, the shard and the content
+digest of slice k's rows (their IDs, labels and features): it covers exactly the records the checkpoint was trained on, so a stale
 checkpoint can never be mistaken for a fresh one (docs/design.md §2.6), and a run can tell which checkpoints a change of
 data leaves valid simply by recomputing the chain.
 """
@@ -25,31 +25,23 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..exceptions import IntegrityError
-from ..sharding import canonical_keys
 from .files import TMP_PREFIX, crash_point, fsync_dir, read_json, remove_tree, replace_path, sha256_bytes
 
 FORMAT = "sisa-checkpoint/1"
 
 
-def fingerprint_chain(
-    config_digest: str, shard: int, ids, labels: np.ndarray, features: np.ndarray, slice_ends: np.ndarray
-) -> list[str]:
-    """One fingerprint per slice: sha256(previous, digest, shard, k, rows of slice k)."""
-    out, prev, start = [], "", 0
-    for k, end in enumerate(slice_ends.tolist()):
-        h = hashlib.sha256(f"{prev}|{config_digest}|{shard}|{k}|".encode())
-        h.update(b"\x00".join(canonical_keys(ids[start:end])))
-        h.update(np.ascontiguousarray(labels[start:end], dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(features[start:end], dtype=np.float32).tobytes())
-        prev = h.hexdigest()
+def fingerprint_chain(config_digest: str, shard: int, slice_digests: list[str]) -> list[str]:
+    """One fingerprint per slice: sha256(previous fingerprint, config digest, shard, k, content digest of slice k)
+    (:func:`sisa.store.shardfile.slice_digest`)."""
+    out, prev = [], ""
+    for k, digest in enumerate(slice_digests):
+        prev = hashlib.sha256(f"{prev}|{config_digest}|{shard}|{k}|{digest}".encode()).hexdigest()
         out.append(prev)
-        start = end
     return out
 
 
@@ -74,9 +66,17 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    folder: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor], meta: dict
+    folder: Path,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, torch.Tensor],
+    meta: dict,
+    sync: bool = True,
 ) -> None:
-    """Write a checkpoint folder atomically (temp folder, fsync each file, COMPLETE last, rename)."""
+    """Write a checkpoint folder atomically (temp folder, COMPLETE last, rename).
+
+    ``sync``: fsync each file and folder now. Training in this machine's processes passes False and the caller
+    makes everything durable with one barrier before the manifest names the checkpoints
+    (:func:`sisa.store.files.sync_filesystem`); until then no manifest trusts them (docs/design.md §4)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f"{TMP_PREFIX}{folder.name}.{os.getpid()}"
@@ -98,12 +98,14 @@ def save_checkpoint(
         crash_point("write:", folder / name)  # written in the temp folder, named by its final place
         with open(tmp / name, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    if sync:
+        fsync_dir(tmp)
     if folder.exists():  # a leftover from an interrupted run with the same fingerprint: replace it
         remove_tree(folder)
-    replace_path(tmp, folder)
+    replace_path(tmp, folder, sync=sync)
 
 
 def is_complete(folder: Path) -> bool:

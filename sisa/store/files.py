@@ -8,6 +8,8 @@ crash (even ``kill -9``) leaves at worst a ``.tmp-*`` file that the next writer 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import hashlib
 import io
@@ -23,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
 from ..exceptions import IntegrityError, RunLockedError
@@ -99,12 +102,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     replace_path(tmp, path)
 
 
-def replace_path(src: Path, dst: Path) -> None:
-    """``os.replace`` a finished temp file or folder into place, then fsync the folder so the rename is durable."""
+def replace_path(src: Path, dst: Path, sync: bool = True) -> None:
+    """``os.replace`` a finished temp file or folder into place, then fsync the folder so the rename is durable
+    (``sync=False``: a later :func:`sync_filesystem` barrier does)."""
     crash_point("replace:", dst)
     os.replace(src, dst)
     crash_point("replaced:", dst)
-    fsync_dir(Path(dst).parent)
+    if sync:
+        fsync_dir(Path(dst).parent)
+
+
+def sync_filesystem(path: Path) -> None:
+    """One durability barrier for everything written under ``path`` so far: ``syncfs`` of its filesystem (Linux),
+    else ``sync``. Cheaper than an fsync per file when a retrain wrote many checkpoints."""
+    crash_point("sync:", Path(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _LIBC is None or _LIBC.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.syncfs.argtypes = [ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):  # not Linux / no syncfs
+        return None
+
+
+_LIBC = _libc()
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -139,6 +168,38 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def ipc_bytes(table: pa.Table | pd.DataFrame) -> bytes:
+    """An Arrow IPC file (uncompressed: every stored value is visible to ``grep``; ``pandas.read_feather`` opens
+    it), without schema metadata, so equal content gives equal bytes."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    table = table.replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def parse_ipc(data: bytes, path: Path) -> pa.Table:
+    """Arrow IPC bytes (already read, and verified by the caller where it must be) as a table."""
+    try:
+        return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise IntegrityError(path, f"unreadable Arrow file ({exc})") from None
+
+
+def read_verified(path: Path, sha256: str | Collection[str] | None = None) -> bytes:
+    """A file's bytes, its SHA-256 checked first when one (or a set of acceptable ones) is given."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(path, "file is missing")
+    data = path.read_bytes()
+    allowed = {sha256} if isinstance(sha256, str) else sha256
+    if allowed is not None and sha256_bytes(data) not in allowed:
+        raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
+    return data
+
+
 def write_parquet(path: Path, df: pd.DataFrame) -> str:
     """Atomically write ``df`` as Parquet; return the file's SHA-256 (kept by the caller for verification)."""
     data = parquet_bytes(df)
@@ -151,14 +212,7 @@ def read_parquet(path: Path, sha256: str | Collection[str] | None = None) -> pd.
 
     ``sha256`` may be a set of acceptable checksums: while a journaled deletion is being applied a file is either
     the version the manifest names or the one the journal entry staged before writing it."""
-    path = Path(path)
-    if not path.is_file():
-        raise IntegrityError(path, "file is missing")
-    data = path.read_bytes()
-    allowed = {sha256} if isinstance(sha256, str) else sha256
-    if allowed is not None and sha256_bytes(data) not in allowed:
-        raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
-    return parse_parquet(data, path)
+    return parse_parquet(read_verified(path, sha256), path)
 
 
 def parse_parquet(data: bytes, path: Path) -> pd.DataFrame:
@@ -169,8 +223,9 @@ def parse_parquet(data: bytes, path: Path) -> pd.DataFrame:
         raise IntegrityError(path, f"unreadable Parquet ({exc})") from None
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a folder (a checkpoint) for real, then fsync its parent so the removal is durable.
+def remove_tree(path: Path, sync: bool = True) -> None:
+    """Delete a folder (a checkpoint) for real, then fsync its parent so the removal is durable (``sync=False``:
+    the caller fsyncs the parent once after removing several).
 
     A checkpoint's ``COMPLETE`` marker goes first, so a folder whose removal was interrupted is never trusted."""
     path = Path(path)
@@ -185,7 +240,8 @@ def remove_tree(path: Path) -> None:
             child.unlink()
     crash_point("rmdir:", path)
     path.rmdir() if path.is_dir() else path.unlink()
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def clean_temp_files(folder: Path) -> None:

@@ -1,8 +1,8 @@
 """The persistent record index: where every active record lives, and tombstones for deleted ones.
 
-Stored as ``index.parquet`` (active records) and ``tombstones.parquet`` (deleted ones), each replaced atomically.
-Active rows carry ``record_id`` (and ``subject_id`` when subjects are configured), ``shard``, ``slice`` and the
-in-shard ``order`` key. Deleted records keep only a keyed hash (HMAC-SHA256 with the run's secret) of their ID and
+Stored as ``index/shard-SSS.arrow`` (each shard's active records) and ``tombstones.arrow`` (deleted ones), Arrow
+IPC files replaced atomically; a deletion rewrites the index files of the shards it touched only. Active rows carry
+``record_id`` (and ``subject_id`` when subjects are configured), ``slice`` and the in-shard ``order`` key. Deleted records keep only a keyed hash (HMAC-SHA256 with the run's secret) of their ID and
 the deletion request id, so "already deleted" can be answered without keeping the ID.
 """
 
@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..sharding import canonical_keys
-from .files import atomic_write_bytes, parquet_bytes, read_parquet, sha256_bytes
+from .files import atomic_write_bytes, ipc_bytes, parse_ipc, sha256_bytes
 
 ACTIVE_COLUMNS = ["record_id", "subject_id", "shard", "slice", "order"]
+SHARD_COLUMNS = ["record_id", "subject_id", "slice", "order"]  # a shard's file: its number is in the name
 TOMBSTONE_COLUMNS = ["id_hash", "kind", "request_id"]
-INDEX_FILE, TOMBSTONES_FILE = "index.parquet", "tombstones.parquet"
+TOMBSTONES_FILE = "tombstones.arrow"
+
+
+def index_file(shard: int) -> str:
+    """One shard's index file, relative to the run directory."""
+    return f"index/shard-{shard:03d}.arrow"
+
+
+def _table(frame: pd.DataFrame, types: dict[str, pa.DataType]) -> pa.Table:
+    return pa.table(
+        {c: pa.array(frame[c].to_numpy(), type=types[c], from_pandas=True) for c in frame.columns}
+    )
 
 
 def keyed_id_hashes(ids, secret: bytes, kind: str = "record") -> list[str]:
@@ -51,6 +65,7 @@ class RecordIndex:
     active: pd.DataFrame  # ACTIVE_COLUMNS, one row per live record
     tombstones: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TOMBSTONE_COLUMNS))
     has_subjects: bool = False
+    changed: set[int] = field(default_factory=set)  # shards whose rows changed since the index was read
 
     @classmethod
     def build(cls, record_ids: pd.Series, placement: pd.DataFrame, subjects: pd.Series | None) -> RecordIndex:
@@ -69,36 +84,48 @@ class RecordIndex:
         )
         return cls(active=active, tombstones=_empty_tombstones(), has_subjects=subjects is not None)
 
-    # ---- persistence ------------------------------------------------------------------------------------------
-    def to_bytes(self, index_name: str = INDEX_FILE) -> dict[str, bytes]:
-        """The two files' Parquet bytes, in memory, tombstones first (the order :meth:`save` writes them in)."""
-        tomb = self.tombstones.astype({c: "string" for c in TOMBSTONE_COLUMNS})
-        return {TOMBSTONES_FILE: parquet_bytes(tomb), index_name: parquet_bytes(self.active[ACTIVE_COLUMNS])}
+    # ---- persistence: one file per shard, and the tombstones (docs/design.md §3) ------------------------------
+    def to_bytes(self, shards: Iterable[int]) -> dict[str, bytes]:
+        """The tombstones' and the given shards' index files, in memory, tombstones first (the order they are
+        written in: a crash in between leaves records both tombstoned and active, which the journal's replay
+        resolves by removing them again)."""
+        tomb = self.tombstones[TOMBSTONE_COLUMNS].astype({c: "string" for c in TOMBSTONE_COLUMNS})
+        out = {TOMBSTONES_FILE: ipc_bytes(_table(tomb, {c: pa.string() for c in TOMBSTONE_COLUMNS}))}
+        by_shard = self.active.groupby("shard", sort=False).indices
+        for s in sorted(set(shards)):
+            rows = self.active.iloc[by_shard.get(s, np.zeros(0, np.int64))]
+            out[index_file(s)] = ipc_bytes(_table(rows[SHARD_COLUMNS], self._types()))
+        return out
 
-    def save(self, path: Path) -> dict[str, str]:
-        """Write ``index.parquet`` (active) and ``tombstones.parquet`` beside it; return their SHA-256s.
+    def _types(self) -> dict[str, pa.DataType]:
+        ids = pa.int64() if pd.api.types.is_integer_dtype(self.active["record_id"]) else pa.string()
+        col = self.active["subject_id"]
+        subjects = pa.int64() if self.has_subjects and pd.api.types.is_integer_dtype(col) else pa.string()
+        return {"record_id": ids, "subject_id": subjects, "slice": pa.int32(), "order": pa.uint64()}
 
-        Tombstones go first: a crash in between leaves records both tombstoned and active, which the journal's
-        replay resolves by removing them again (the operation is idempotent)."""
-        path = Path(path)
+    def save(self, root: Path, shards: int) -> dict[str, str]:
+        """Write every file of the index under ``root``; return their SHA-256s by run-relative name."""
         shas = {}
-        for name, data in self.to_bytes(path.name).items():
-            atomic_write_bytes(path.with_name(name), data)
-            shas[name] = sha256_bytes(data)
+        for rel, data in self.to_bytes(range(shards)).items():
+            path = Path(root) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+            shas[rel] = sha256_bytes(data)
         return shas
 
     @classmethod
-    def load(
-        cls, path: Path, sha256: dict[str, str] | None = None, has_subjects: bool = False
-    ) -> RecordIndex:
-        path = Path(path)
-        sha256 = sha256 or {}
-        active = read_parquet(path, sha256.get(path.name))
+    def load(cls, read: Callable[[str], bytes], shards: int, has_subjects: bool = False) -> RecordIndex:
+        """The index from its files; ``read(run-relative name)`` returns a file's (verified) bytes."""
+        parts = []
+        for s in range(shards):
+            frame = parse_ipc(read(index_file(s)), index_file(s)).to_pandas()
+            frame.insert(2, "shard", np.full(len(frame), s, dtype=np.int32))
+            parts.append(frame)
+        active = pd.concat(parts, ignore_index=True)
         for col, dt in (("shard", np.int32), ("slice", np.int32), ("order", np.uint64)):
             active[col] = active[col].astype(dt)
-        t_path = path.with_name(TOMBSTONES_FILE)
-        tomb = read_parquet(t_path, sha256.get(TOMBSTONES_FILE)) if t_path.exists() else _empty_tombstones()
-        return cls(active=active, tombstones=tomb, has_subjects=has_subjects)
+        tomb = parse_ipc(read(TOMBSTONES_FILE), TOMBSTONES_FILE).to_pandas()
+        return cls(active=active[ACTIVE_COLUMNS], tombstones=tomb, has_subjects=has_subjects)
 
     # ---- lookups ----------------------------------------------------------------------------------------------
     def positions_of(self, ids: list, column: str = "record_id") -> np.ndarray:
@@ -139,6 +166,7 @@ class RecordIndex:
         self.tombstones = pd.concat([self.tombstones, *rows], ignore_index=True).drop_duplicates("id_hash")
         keep = np.ones(len(self.active), dtype=bool)
         keep[positions] = False
+        self.changed |= {int(s) for s in gone["shard"].unique()}
         self.active = self.active.loc[keep].reset_index(drop=True)
 
     def shard_rows(self, shard: int) -> pd.DataFrame:

@@ -4,11 +4,12 @@
 runs/<name>/
   config.yaml                resolved config, frozen at train (+ config.digest)
   secret.key                 per-run key for keyed hashes of deleted IDs (HMAC-SHA256)
-  index.parquet              active records: ID, subject, shard, slice, in-shard order key
-  tombstones.parquet         deleted records and subjects: keyed hash (HMAC) and request id only
-  data/shard-SSS.parquet     the shard's rows in training order (deleted rows purged)
+  index/shard-SSS.arrow      each shard's active records: ID, subject, slice, in-shard order key
+  tombstones.arrow           deleted records and subjects: keyed hash (HMAC) and request id only
+  data/shard-SSS/slice-KKK.arrow   one slice's rows in training order (deleted rows purged); see sisa.store.shardfile
   checkpoints/shard-SSS/slice-KKK-<fingerprint16>/   see sisa.store.checkpoints
-  manifest.json              the live generation: per shard, its checkpoint chain; checksums of data files
+  manifest.json              the live generation: per shard, its checkpoint chain and slice digests; checksums of
+                             every data and index file
   journal/<request>.json     deletion requests: pending -> applied, with receipts (keyed hashes only)
   lock                       the writer lock (flock)
 ```
@@ -21,18 +22,18 @@ import os
 import secrets
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from ..config import Config
 from ..exceptions import IntegrityError, RunStateError
 from .checkpoints import shard_folder
-from .files import atomic_write_bytes, atomic_write_json, read_json, read_parquet, write_parquet
-from .index import INDEX_FILE, TOMBSTONES_FILE, RecordIndex
+from .files import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, read_verified, sha256_bytes
+from .index import TOMBSTONES_FILE, RecordIndex, index_file
 from .journal import Journal
-from .shardfile import data_file
+from .shardfile import ShardRows, concat, from_bytes, slice_file
 
-MANIFEST_FORMAT = "sisa-manifest/1"
+MANIFEST_FORMAT = "sisa-manifest/2"
+OLD_FORMATS = ("sisa-manifest/1",)  # one Parquet file per shard; `sisa migrate` converts it
 
 
 class RunDir:
@@ -48,14 +49,13 @@ class RunDir:
     # ---- paths ------------------------------------------------------------------------------------------------
     config_path = property(lambda self: self.root / "config.yaml")
     secret_path = property(lambda self: self.root / "secret.key")
-    index_path = property(lambda self: self.root / INDEX_FILE)
     manifest_path = property(lambda self: self.root / "manifest.json")
     journal_dir = property(lambda self: self.root / "journal")
     checkpoint_root = property(lambda self: self.root / "checkpoints")
     data_dir = property(lambda self: self.root / "data")
 
-    def data_path(self, shard: int) -> Path:
-        return self.root / data_file(shard)
+    def slice_path(self, shard: int, slice_idx: int) -> Path:
+        return self.root / slice_file(shard, slice_idx)
 
     def shard_checkpoints(self, shard: int) -> Path:
         return shard_folder(self.checkpoint_root, shard)
@@ -102,6 +102,11 @@ class RunDir:
         if not self.manifest_path.is_file():
             return None
         m = read_json(self.manifest_path)
+        if m.get("format") in OLD_FORMATS:
+            raise RunStateError(
+                f"{self.root} was written by an older sisa (format {m['format']!r}: one data file per shard); "
+                f"convert it with `sisa migrate --run {self.root}` (no retraining, the models stay bit for bit)"
+            )
         if m.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(self.manifest_path, f"unknown manifest format {m.get('format')!r}")
         return m
@@ -132,20 +137,28 @@ class RunDir:
         raise RunStateError(f"{self.root}: the run changed {attempts} times while loading; try again")
 
     def index(self, verify: bool = True) -> RecordIndex:
-        has_subjects = bool(self.config().data.subject_column)
-        if not verify:
-            return RecordIndex.load(self.index_path, None, has_subjects=has_subjects)
-        return self._verified_read(
-            lambda accepted: RecordIndex.load(self.index_path, accepted, has_subjects=has_subjects),
-            [self.index_path.name, TOMBSTONES_FILE],
-        )
+        config = self.config()
+        shards, has_subjects = config.sharding.shards, bool(config.data.subject_column)
+        names = [TOMBSTONES_FILE, *(index_file(s) for s in range(shards))]
+        files = self.read_files(names, verify)
+        return RecordIndex.load(files.__getitem__, shards, has_subjects=has_subjects)
 
-    def shard_frame(self, shard: int, verify: bool = True) -> pd.DataFrame:
-        rel = data_file(shard)
+    def shard_rows(self, shard: int, slices: list[int] | None = None, verify: bool = True) -> ShardRows:
+        """The shard's rows in training order (``slices``: only those, in order), each file checksum-verified."""
+        config = self.config()
+        ks = range(config.sharding.slices) if slices is None else slices
+        names = [slice_file(shard, k) for k in ks]
+        files = self.read_files(names, verify)
+        n_f = len(config.data.features or [])
+        return concat([from_bytes(files[n], self.root / n, n_f) for n in names], n_f)
+
+    def read_files(self, names: list[str], verify: bool = True) -> dict[str, bytes]:
+        """Bytes of run-relative files, each checked against the manifest's checksum or one a pending request
+        staged (a file the manifest does not name yet, during a first training, is read as it is)."""
         if not verify:
-            return read_parquet(self.data_path(shard), None)
+            return {n: read_verified(self.root / n) for n in names}
         return self._verified_read(
-            lambda accepted: read_parquet(self.data_path(shard), accepted.get(rel)), [rel]
+            lambda accepted: {n: read_verified(self.root / n, accepted.get(n)) for n in names}, names
         )
 
     def accepted_checksums(self, names: list[str], staged: bool = True) -> dict[str, set[str]]:
@@ -174,11 +187,17 @@ class RunDir:
         return read(accepted)
 
     # ---- writes -----------------------------------------------------------------------------------------------
-    def write_index(self, index: RecordIndex) -> dict[str, str]:
-        return index.save(self.index_path)
-
-    def write_shard_frame(self, shard: int, frame: pd.DataFrame) -> str:
-        return write_parquet(self.data_path(shard), frame)
+    def write_files(self, files: dict[str, bytes]) -> dict[str, str]:
+        """Write run-relative files atomically, in the given order; return their SHA-256s."""
+        shas = {}
+        for rel, data in files.items():
+            path = self.root / rel
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True)
+                fsync_dir(path.parent.parent)
+            atomic_write_bytes(path, data)
+            shas[rel] = sha256_bytes(data)
+        return shas
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, {**manifest, "format": MANIFEST_FORMAT})

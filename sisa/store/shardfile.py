@@ -1,110 +1,220 @@
-"""The shard-data file format: one Parquet file per shard, rows in training order (docs/design.md, "Run directory").
+"""The shard-data format: one Arrow IPC file per shard slice (docs/design.md §3).
 
-Columns, in this order::
+``data/shard-SSS/slice-KKK.arrow`` holds the rows of one slice of one shard, in training order, with columns::
 
-    _record_id   the record's ID (the user's type)
+    _record_id   the record's ID (the user's type: int64 or string)
     _label       class index into config.data.classes (int64)
-    _slice       the record's slice (int32)
-    _order       in-shard order key (uint64): rows are sorted by (_slice, _order, _record_id)
+    _slice       the slice (int32; the same for every row of the file)
+    _order       in-shard order key (uint64): rows are sorted by (_order, _record_id)
     _row_hash    uint64 hash of (float32 features, label), to find copies of a deleted record
-    <features>   config.data.features, float32 values as trained on
+    features     the feature vector, fixed_size_list<float32>[len(config.data.features)], in that order
 
-This module is the only place that names these columns; every reader goes through :class:`ShardData` or the
-helpers below, and every file is read through the checksum-verified :meth:`sisa.store.rundir.RunDir.shard_frame`.
+Arrow IPC, uncompressed: ``pandas.read_feather(path)`` opens it, a plain ``grep`` sees every stored ID, and reading
+one costs a copy, so a deletion rewrites only the slices it changed and a retrain reads its shard's slices fast.
+This module is the only place that names these columns; readers use :class:`ShardRows`.
+
+Each slice also has a **content digest** (:func:`slice_digest`: IDs, labels and feature bytes) that the manifest
+keeps, so the fingerprint chain of a shard (:func:`sisa.store.checkpoints.fingerprint_chain`) is recomputed from the
+bytes only for the slices a change touched; ``verify`` and ``repair`` recompute every digest from the bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from ..exceptions import IntegrityError
+from ..sharding import canonical_keys
 from .checkpoints import fingerprint_chain, shard_folder
+from .files import ipc_bytes, parse_ipc
 
-RECORD_ID, LABEL, SLICE, ORDER, ROW_HASH = "_record_id", "_label", "_slice", "_order", "_row_hash"
-META_COLUMNS = [RECORD_ID, LABEL, SLICE, ORDER, ROW_HASH]
+RECORD_ID, LABEL, SLICE, ORDER, ROW_HASH, FEATURES = (
+    "_record_id",
+    "_label",
+    "_slice",
+    "_order",
+    "_row_hash",
+    "features",
+)
+COLUMNS = [RECORD_ID, LABEL, SLICE, ORDER, ROW_HASH, FEATURES]
 
 
-def data_file(shard: int) -> str:
-    """The shard's data file, relative to the run directory (named like its checkpoint folder)."""
-    return f"data/{shard_folder('', shard).name}.parquet"
+def shard_dir(shard: int) -> str:
+    """The shard's data folder, relative to the run directory (named like its checkpoint folder)."""
+    return f"data/{shard_folder('', shard).name}"
+
+
+def slice_file(shard: int, slice_idx: int) -> str:
+    """One slice's data file, relative to the run directory."""
+    return f"{shard_dir(shard)}/slice-{slice_idx:03d}.arrow"
+
+
+def shard_files(shard: int, slices: int) -> list[str]:
+    return [slice_file(shard, k) for k in range(slices)]
 
 
 @dataclass
 class ShardData:
-    """A shard's rows in training order; rows of slices 0..k are ``[0:slice_ends[k]]``."""
+    """A shard's rows in training order as training needs them; rows of slices 0..k are ``[0:slice_ends[k]]``."""
 
     features: np.ndarray  # float32 [n, F]
     labels: np.ndarray  # int64 [n]
     slice_ends: np.ndarray  # int64 [R]
 
 
-def build_frame(
-    ids: pd.Series,
-    labels: np.ndarray,
-    features: np.ndarray,
-    feature_names: list[str],
-    placement: pd.DataFrame,
-) -> pd.DataFrame:
-    """All rows of a new run in the file format (``placement``: shard/slice/order per row), unsorted."""
-    frame = pd.DataFrame(np.ascontiguousarray(features, dtype=np.float32), columns=feature_names)
-    meta = pd.DataFrame(
+@dataclass
+class ShardRows:
+    """Rows of one slice (or of several, concatenated in slice order), column by column."""
+
+    ids: pd.Series
+    labels: np.ndarray  # int64
+    slices: np.ndarray  # int32
+    orders: np.ndarray  # uint64
+    row_hashes: np.ndarray  # uint64
+    features: np.ndarray  # float32 [n, F]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, keep: np.ndarray) -> ShardRows:
+        """The rows where ``keep`` (a boolean mask or positions) selects."""
+        return ShardRows(
+            self.ids[keep].reset_index(drop=True) if isinstance(keep, np.ndarray) else self.ids.iloc[keep],
+            self.labels[keep],
+            self.slices[keep],
+            self.orders[keep],
+            self.row_hashes[keep],
+            np.ascontiguousarray(self.features[keep]),
+        )
+
+    def slice(self, k: int) -> ShardRows:
+        return self.take(self.slices == k)
+
+
+def build_rows(ids: pd.Series, labels: np.ndarray, features: np.ndarray, slices, orders) -> ShardRows:
+    """Rows in the file format (unsorted), with their row hashes."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    return ShardRows(
+        ids.reset_index(drop=True),
+        labels,
+        np.asarray(slices, dtype=np.int32),
+        np.asarray(orders, dtype=np.uint64),
+        row_hashes(features, labels),
+        features,
+    )
+
+
+def training_order(rows: ShardRows) -> ShardRows:
+    """Rows sorted as they are stored and trained on: by (slice, order key, record ID)."""
+    frame = pd.DataFrame({"s": rows.slices, "o": rows.orders, "i": rows.ids.to_numpy()})
+    order = frame.sort_values(["s", "o", "i"], kind="stable").index.to_numpy()
+    return rows.take(order)
+
+
+def concat(parts: list[ShardRows], n_features: int) -> ShardRows:
+    if not parts:
+        return ShardRows(
+            pd.Series([], dtype=object),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.uint64),
+            np.zeros(0, np.uint64),
+            np.zeros((0, n_features), np.float32),
+        )
+    ids = pd.concat([p.ids for p in parts], ignore_index=True) if len(parts) > 1 else parts[0].ids
+    return ShardRows(
+        ids,
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.slices for p in parts]),
+        np.concatenate([p.orders for p in parts]),
+        np.concatenate([p.row_hashes for p in parts]),
+        np.concatenate([p.features for p in parts]),
+    )
+
+
+# ---- bytes ---------------------------------------------------------------------------------------------------
+def to_bytes(rows: ShardRows) -> bytes:
+    n, f = rows.features.shape
+    features = pa.FixedSizeListArray.from_arrays(pa.array(rows.features.reshape(-1)), f)
+    table = pa.table(
         {
-            RECORD_ID: ids.to_numpy(),
-            LABEL: np.asarray(labels, dtype=np.int64),
-            SLICE: placement["slice"].to_numpy(np.int32),
-            ORDER: placement["order"].to_numpy(np.uint64),
-            ROW_HASH: row_hashes(features, labels),
+            RECORD_ID: pa.array(rows.ids.to_numpy() if len(rows) else [], type=_id_type(rows.ids)),
+            LABEL: pa.array(rows.labels, pa.int64()),
+            SLICE: pa.array(rows.slices, pa.int32()),
+            ORDER: pa.array(rows.orders, pa.uint64()),
+            ROW_HASH: pa.array(rows.row_hashes, pa.uint64()),
+            FEATURES: features,
         }
     )
-    return pd.concat([meta, frame], axis=1)
+    return ipc_bytes(table)
 
 
-def training_order(frame: pd.DataFrame) -> pd.DataFrame:
-    """One shard's rows sorted as they are stored and trained on."""
-    return frame.sort_values([SLICE, ORDER, RECORD_ID], kind="stable").reset_index(drop=True)
-
-
-def shard_data(frame: pd.DataFrame, feature_names: list[str], slices: int) -> ShardData:
-    """Arrays for training from a shard frame already in training order."""
-    slice_col = frame[SLICE].to_numpy(np.int64)
-    return ShardData(
-        features=np.ascontiguousarray(frame[feature_names].to_numpy(np.float32)),
-        labels=frame[LABEL].to_numpy(np.int64),
-        slice_ends=np.searchsorted(slice_col, np.arange(slices), side="right").astype(np.int64),
+def from_bytes(data: bytes, path, n_features: int) -> ShardRows:
+    """Parse a slice file's bytes (verified by the caller)."""
+    table = parse_ipc(data, path)
+    if table.column_names != COLUMNS:
+        raise IntegrityError(path, f"unexpected columns {table.column_names}; expected {COLUMNS}")
+    flat = table.column(FEATURES).combine_chunks().values.to_numpy(zero_copy_only=False)
+    features = np.asarray(flat, dtype=np.float32).reshape(table.num_rows, n_features)
+    return ShardRows(
+        table.column(RECORD_ID).to_pandas(),
+        table.column(LABEL).to_numpy().astype(np.int64, copy=False),
+        table.column(SLICE).to_numpy().astype(np.int32, copy=False),
+        table.column(ORDER).to_numpy().astype(np.uint64, copy=False),
+        table.column(ROW_HASH).to_numpy().astype(np.uint64, copy=False),
+        np.array(features, copy=True),  # writable and owned: training may hand it to torch without a copy
     )
 
 
-def record_ids(frame: pd.DataFrame) -> pd.Series:
-    return frame[RECORD_ID]
+def _id_type(ids: pd.Series) -> pa.DataType:
+    if pd.api.types.is_integer_dtype(ids):
+        return pa.int64()
+    return pa.string()
 
 
-def labels_of(frame: pd.DataFrame) -> np.ndarray:
-    return frame[LABEL].to_numpy(np.int64)
+# ---- what training and fingerprints need ----------------------------------------------------------------------
+def shard_data(rows: ShardRows, slices: int) -> ShardData:
+    """Arrays for training from a shard's rows in training order."""
+    return ShardData(
+        features=rows.features,
+        labels=rows.labels,
+        slice_ends=np.searchsorted(rows.slices.astype(np.int64), np.arange(slices), side="right").astype(
+            np.int64
+        ),
+    )
 
 
-def slices_of(frame: pd.DataFrame) -> np.ndarray:
-    return frame[SLICE].to_numpy(np.int64)
+def slice_digest(rows: ShardRows) -> str:
+    """SHA-256 of one slice's content as training sees it: canonical IDs, labels, float32 feature bytes."""
+    h = hashlib.sha256()
+    h.update(b"\x00".join(canonical_keys(rows.ids.to_numpy())))
+    h.update(b"\x01")
+    h.update(np.ascontiguousarray(rows.labels, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(rows.features, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
-def fingerprints(config_digest: str, shard: int, frame: pd.DataFrame, data: ShardData) -> list[str]:
-    """The shard's checkpoint chain as its stored rows give it (``data``: ``shard_data(frame, ...)``)."""
-    ids = frame[RECORD_ID].to_numpy()
-    return fingerprint_chain(config_digest, shard, ids, data.labels, data.features, data.slice_ends)
+def fingerprints(config_digest: str, shard: int, rows: ShardRows, slices: int) -> list[str]:
+    """The shard's checkpoint chain recomputed from its rows (every slice's digest from the content)."""
+    return fingerprint_chain(config_digest, shard, [slice_digest(rows.slice(k)) for k in range(slices)])
 
 
 def row_hashes(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """uint64 hash of each row's float32 feature bytes and label (vectorised)."""
     frame = pd.DataFrame(np.ascontiguousarray(features, dtype=np.float32))
-    frame[LABEL] = np.asarray(labels, dtype=np.int64)
+    frame["_label"] = np.asarray(labels, dtype=np.int64)
     return pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
 
 
-def row_keys(frame: pd.DataFrame, feature_names: list[str]) -> list[bytes]:
+def row_keys(rows: ShardRows) -> list[bytes]:
     """Each row's exact (float32 features, label) bytes, to confirm a row-hash match."""
-    feats = np.ascontiguousarray(frame[feature_names].to_numpy(np.float32))
-    labels = frame[LABEL].to_numpy(np.int64)
+    feats = np.ascontiguousarray(rows.features, dtype=np.float32)
     return [
-        f.tobytes() + int(y).to_bytes(8, "little", signed=True) for f, y in zip(feats, labels, strict=True)
+        f.tobytes() + int(y).to_bytes(8, "little", signed=True)
+        for f, y in zip(feats, rows.labels, strict=True)
     ]

@@ -259,6 +259,7 @@ class GroupTrainer:
             self.spec, job, k, event.records, event.samples, steps, "stacked", self.stack.width
         )
         folder = checkpoint_dir(self.spec, job.shard, k, job.fingerprints[k])
-        save_checkpoint(folder, self.stack.shard_state(i), self.opt.shard_state_dict(i), meta)
+        state, opt_state = self.stack.shard_state(i), self.opt.shard_state_dict(i)
+        save_checkpoint(folder, state, opt_state, meta, sync=self.spec.sync_checkpoints)
         slot.result.checkpoints.append(folder.name)
         slot.result.samples += event.samples

@@ -41,6 +41,9 @@ class TrainSpec:
     config_digest: str
     checkpoint_root: str  # run_dir/checkpoints
     device: str  # resolved: cpu | cuda
+    # fsync every checkpoint as it is written; False where the caller syncs once before trusting them (one
+    # barrier for this machine's filesystem: docs/design.md §4)
+    sync_checkpoints: bool = True
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str =
                 spec, job, event.slice, event.records, event.samples, int(opt.steps), executor, 1
             )
             folder = checkpoint_dir(spec, job.shard, event.slice, job.fingerprints[event.slice])
-            save_checkpoint(folder, model.state_dict(), opt.state_dict(), meta)
+            save_checkpoint(folder, model.state_dict(), opt.state_dict(), meta, sync=spec.sync_checkpoints)
             result.checkpoints.append(folder.name)
     result.seconds = time.perf_counter() - t0
     return result
