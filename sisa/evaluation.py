@@ -21,7 +21,12 @@ def load_test_table(config: Config) -> Table | None:
         )
     df = read_table(config.data.test)
     return validate_table(
-        df, config.data, config.data.test, classes=config.data.classes, feature_names=config.data.features
+        df,
+        config.data,
+        config.data.test,
+        classes=config.data.classes,
+        feature_names=config.data.features,
+        purpose="score",
     )
 
 

@@ -35,7 +35,7 @@ from ..session import recover
 from ..store.checkpoints import load_checkpoint
 from ..store.journal import PENDING, Journal
 from ..store.rundir import RunDir
-from ..train.models import build_model
+from ..train.models import shard_model
 from .schema import ApiError, ServerSettings
 
 log = logging.getLogger("sisa.serving.state")
@@ -216,7 +216,7 @@ class ServingState:
         if cached is not None and cached[0] == name:
             return cached[1]
         ck = load_checkpoint(self.run.shard_checkpoints(s) / name, entry["fingerprint"])
-        model = build_model(self.config.model, len(self.feature_names), len(self.classes), 0)
+        model = shard_model(self.config, 0)
         model.load_state_dict(ck.model)
         model = model.eval()
         self._models[s] = (name, model)
