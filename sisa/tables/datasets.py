@@ -300,6 +300,31 @@ def make_tabular(
     return pd.concat([head, pd.DataFrame(x, columns=[f"x{j}" for j in range(n_features)])], axis=1)
 
 
+def make_customers(n: int, seed: int = 0) -> pd.DataFrame:
+    """A messy raw table as users bring them: e-mail IDs, ``age`` with gaps, ``city`` as text with gaps (four
+    common cities and a few one-off ones), ``income`` with NaN, ``member`` true/false, label ``churn`` yes/no."""
+    rng = np.random.Generator(np.random.PCG64([seed, 18]))
+    age = rng.normal(42, 12, n).round().clip(18, 90)
+    income = rng.lognormal(10.5, 0.5, n).round(-2)
+    member = rng.random(n) < 0.4
+    city = rng.choice(["Rome", "Paris", "Oslo", "Lima"], n, p=[0.4, 0.3, 0.2, 0.1]).astype(object)
+    odd = rng.choice(n, size=min(3, n), replace=False)
+    city[odd] = [f"Town-{k}" for k in range(len(odd))]  # held by one customer each: never in a drafted schema
+    score = 0.04 * (age - 42) - 1.2 * member + 0.8 * (city == "Oslo") - 0.5 * (np.log(income) - 10.5)
+    churn = np.where(score + rng.normal(0, 0.7, n) > 0, "yes", "no")
+    df = pd.DataFrame(
+        {
+            "customer": pd.array([f"c{i:05d}@example.com" for i in range(n)], dtype="str"),
+            "age": pd.array(np.where(rng.random(n) < 0.05, np.nan, age), dtype="Float64"),
+            "city": pd.array(np.where(rng.random(n) < 0.08, None, city), dtype="str"),
+            "income": np.where(rng.random(n) < 0.1, np.nan, income),
+            "member": pd.array(member, dtype="boolean"),
+            "churn": pd.array(churn, dtype="str"),
+        }
+    )
+    return df
+
+
 def make_subjects(
     n_rows: int,
     n_subjects: int,
