@@ -343,7 +343,7 @@ def _verify_erasure(a: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         for c in report.checks:
-            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+            print(f"{'FAIL' if not c.ok else 'warn' if c.warning else 'ok  '} {c.name}: {c.detail}")
     if not report.ok:
         failed = ", ".join(c.name for c in report.checks if not c.ok)
         print(f"sisa: error: verify --erasure: failed checks: {failed}", file=sys.stderr)

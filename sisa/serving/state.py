@@ -35,6 +35,8 @@ from ..session import recover
 from ..store.checkpoints import load_checkpoint
 from ..store.journal import PENDING, Journal
 from ..store.rundir import RunDir
+from ..tables.encoder import Encoder
+from ..tables.schema import schema_of
 from ..train.models import shard_model
 from .schema import ApiError, ServerSettings
 
@@ -129,6 +131,8 @@ class ServingState:
         self.settings = (settings or ServerSettings()).validate()
         self.config = self.run.config()
         self.feature_names = list(self.config.data.features or [])
+        schema = schema_of(self.config.data)  # the run's frozen schema: /predict takes raw records
+        self.encoder = Encoder(schema) if schema is not None else None
         self.classes = list(self.config.data.classes or [])
         self.journal = Journal(self.run.journal_dir)
         self.recovered = recover(self.run)  # replay acknowledged deletions a crash left pending
