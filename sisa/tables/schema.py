@@ -154,7 +154,7 @@ def parse_schema(raw: Any, where: str = "data.schema") -> Schema:
     schema = Schema(tuple(c for c in columns if c is not None))
     names = schema.feature_names()
     clash = sorted({n for n in names if names.count(n) > 1})
-    if clash:
+    if clash and not problems:  # a bad spec's own problems first; its names are not meaningful yet
         problems.append(f"{where}: encoded column names collide: {clash[:10]}; rename a column")
     if not problems and not names:
         problems.append(f"{where}: every column is ignored; declare at least one feature")
