@@ -21,7 +21,7 @@ from .config import Config
 from .exceptions import DataError, RunStateError
 from .store.checkpoints import load_checkpoint
 from .store.rundir import RunDir
-from .train.models import build_model
+from .train.models import shard_model
 from .train.stacked_models import ShardStack, batched_forward, module_tensors
 
 # ``auto`` inference: stacked for batches of at most this many rows. The stacked call saves the loop's per-model
@@ -60,7 +60,6 @@ class Ensemble:
         device: str = "cpu",
     ) -> Ensemble:
         """Load the last-slice checkpoint of every serving shard named by ``manifest`` (verified on load)."""
-        n_features = len(config.data.features or [])
         models = {}
         for entry in manifest["shards"]:
             s = entry["shard"]
@@ -68,7 +67,7 @@ class Ensemble:
                 continue
             name = entry["checkpoints"][-1]
             ck = load_checkpoint(RunDir(root).shard_checkpoints(s) / name, entry["fingerprint"])
-            model = build_model(config.model, n_features, len(config.data.classes), 0)
+            model = shard_model(config, 0)
             model.load_state_dict(ck.model)
             models[s] = model.to(device).eval()
         return cls(models, config, manifest.get("generation", 0), device)

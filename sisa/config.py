@@ -27,7 +27,10 @@ class DataConfig:
     test: str | None = None  # held-out table used for accuracy reports (optional)
     id_column: str = "record_id"  # unique record ID (int or string); never a feature
     label_column: str = "label"  # class label (int or string)
-    features: list[str] | None = None  # feature columns; null = every other column
+    features: list[str] | None = None  # feature columns; null = every other column (or the schema's encoding)
+    # typed raw columns: a mapping column -> spec, or the path of a YAML file holding it (docs/preprocessing.md);
+    # frozen inline into the run's config at train time, so the digest covers it
+    schema: Any | None = None
     subject_column: str | None = None  # data-subject ID; when set, placement is by subject (never a feature)
     deletion_prob_column: str | None = None  # per-record deletion probability (distribution_aware sharding)
     classes: list[Any] | None = None  # frozen class list; null = sorted labels of the training table
@@ -152,6 +155,8 @@ class Config:
         """SHA-256 of the canonical JSON of everything that shapes training (data file paths excluded)."""
         d = self.to_dict()
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "test")}
+        if d["data"]["schema"] is None:  # configs without a schema keep the digest they had before it existed
+            del d["data"]["schema"]
         d["training"] = {k: v for k, v in d["training"].items() if k not in _NON_RESULT_TRAINING_KEYS}
         d["aggregation"] = {}
         blob = json.dumps(d, sort_keys=True, default=str).encode()
@@ -221,6 +226,8 @@ class Config:
         names = [c for _, c in cols]
         if len(set(names)) != len(names):
             p.append(f"data: id, label and subject columns must differ, got {dict(cols)}")
+        if d.schema is not None and not isinstance(d.schema, (str, dict)):
+            p.append(f"data.schema: expected a mapping column -> spec or a YAML file path, got {d.schema!r}")
         if d.features is not None:
             clash = sorted(set(d.features) & set(names))
             if clash:
@@ -243,7 +250,31 @@ _NON_RESULT_TRAINING_KEYS = (
     "stack_threads",  # exact (CPU) stacking: a shard's bits do not depend on which thread trains it
 )
 # What `--set` may change on an existing run (delete, repair, serve, train --resume): where and how fast, not what.
-RUNTIME_KEYS = (*(f"training.{k}" for k in _NON_RESULT_TRAINING_KEYS), "aggregation.inference")
+# Every aggregation key: the aggregator learns nothing, so it is outside the digest (see Config.digest).
+RUNTIME_KEYS = (
+    *(f"training.{k}" for k in _NON_RESULT_TRAINING_KEYS),
+    "aggregation.method",
+    "aggregation.weights",
+    "aggregation.inference",
+)
+
+
+# The encoded name of a column's missing-value indicator (sisa/tables/encoder.py writes it, shard models read it).
+MISSING_SUFFIX = "__missing"
+
+
+def fitted_columns(data: DataConfig) -> list[tuple[int, int | None]]:
+    """(value column, indicator column or None) of every feature scaled by statistics of each shard's first slice
+    (``scaling: slice0`` in a resolved, inline ``data.schema``), as indices into ``data.features``. Shard models
+    hold those statistics (sisa/train/models.py: FittedScaling); the encoder leaves these columns unscaled."""
+    if not isinstance(data.schema, dict) or not data.features:
+        return []
+    where = {name: j for j, name in enumerate(data.features)}
+    out = []
+    for column, spec in data.schema.items():
+        if isinstance(spec, dict) and spec.get("type") == "numeric" and spec.get("scaling") == "slice0":
+            out.append((where[str(column)], where.get(f"{column}{MISSING_SUFFIX}")))
+    return out
 
 
 def _positive_int(p: list[str], name: str, v: Any) -> None:

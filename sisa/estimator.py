@@ -15,6 +15,7 @@ import pandas as pd
 
 from .aggregation import Ensemble
 from .config import Config
+from .evaluation import score_table
 from .exceptions import RunStateError
 from .fitting import train
 from .session import reader_session
@@ -67,8 +68,11 @@ class SisaClassifier:
         return self
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> SisaClassifier:
-        return cls(reader_session(run_dir).config(), run_dir=run_dir)
+    def load(cls, run_dir: str | Path, runtime: list[str] | tuple[str, ...] = ()) -> SisaClassifier:
+        """The run's classifier; ``runtime``: overrides of keys outside the digest for this object only, e.g.
+        ``["aggregation.method=hard"]`` (:meth:`Config.with_runtime`)."""
+        config = reader_session(run_dir).config()
+        return cls(config.with_runtime(runtime) if runtime else config, run_dir=run_dir)
 
     # ---- inference --------------------------------------------------------------------------------------------
     @property
@@ -96,11 +100,20 @@ class SisaClassifier:
         self._excluded = set(pending)
         return self._ensemble
 
+    def features(self, X) -> np.ndarray:
+        """``X`` as the models see it: a DataFrame of raw columns goes through the run's encoder (its schema); an
+        array is taken as encoded already (columns in :attr:`feature_names_` order)."""
+        return features_for_prediction(X, self.feature_names_, self.config.data)
+
     def predict_proba(self, X) -> np.ndarray:
-        return self.ensemble().predict_proba(features_for_prediction(X, self.feature_names_))
+        return self.ensemble().predict_proba(self.features(X))
 
     def predict(self, X) -> np.ndarray:
-        return self.ensemble().predict(features_for_prediction(X, self.feature_names_))
+        return self.ensemble().predict(self.features(X))
+
+    def evaluate(self, data: pd.DataFrame) -> dict:
+        """Accuracy, per-class precision/recall and log-loss on a labelled raw table (no retraining)."""
+        return score_table(self.ensemble(), self.config, data)
 
     # ---- unlearning -------------------------------------------------------------------------------------------
     def delete(self, ids: list | None = None, *, subjects: list | None = None, wait_s: float = 0.0) -> dict:

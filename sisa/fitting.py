@@ -21,6 +21,7 @@ from .store.files import writer_lock
 from .store.index import RecordIndex
 from .store.rundir import RunDir
 from .store.shardfile import build_rows, slice_file, to_bytes, training_order
+from .tables.schema import schema_of
 from .tables.table import Table, read_table, validate_table
 from .train.choice import choose_training
 from .train.shard import resolve_device
@@ -33,11 +34,21 @@ def load_training_table(config: Config) -> Table:
     return validate_table(df, config.data, config.data.train, classes=config.data.classes)
 
 
-def resolve_config(config: Config, table: Table) -> Config:
-    """Freeze what training decides, once per run: class list, feature names, device, executor and stacking."""
+def freeze_data(config: Config, table: Table) -> Config:
+    """The config with its data frozen: class list, (encoded) feature names, and the schema inline and normalised
+    (a schema file is read once, here: the run is self-contained and its digest covers the schema)."""
     resolved = Config.from_dict(config.to_dict())
+    schema = schema_of(config.data)
+    resolved.data.schema = None if schema is None else schema.to_dict()
     resolved.data.classes = list(table.classes)
     resolved.data.features = list(table.feature_names)
+    return resolved
+
+
+def resolve_config(config: Config, table: Table) -> Config:
+    """Freeze what training decides, once per run: class list, feature names, schema, device, executor and
+    stacking."""
+    resolved = freeze_data(config, table)
     resolved.training.device = resolve_device(config.training.device)
     choice = choose_training(resolved)
     resolved.training.executor = choice.executor
@@ -104,6 +115,7 @@ def train(
         # an acknowledged deletion first (the session replays it), then whatever training left undone
         with writer_session(root, "train --resume", wait_s, runtime, trained=False) as run:
             return run, refresh(run)
+    schema_of(config.data)  # a bad schema fails first, every problem at once, before any table is read
     if isinstance(data, pd.DataFrame):
         table = validate_table(data, config.data, "training data", classes=config.data.classes)
     else:

@@ -90,7 +90,15 @@ def test_predict_without_id_column(project, capsys):
         capsys, "predict", "--run", tmp / "run", "--data", tmp / "bare.parquet", "--out", tmp / "p.parquet"
     )
     assert code == 0, err
-    assert list(pd.read_parquet(tmp / "p.parquet").columns) == ["prediction", "proba_a", "proba_b", "proba_c"]
+    preds = pd.read_parquet(tmp / "p.parquet")
+    assert list(preds.columns) == [
+        "row",
+        "prediction",
+        "proba_a",
+        "proba_b",
+        "proba_c",
+    ]  # row numbers for IDs
+    assert preds["row"].tolist() == list(range(30))
 
 
 def test_delete_by_ids_and_file_with_json_receipt_and_status(project, capsys):

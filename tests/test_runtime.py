@@ -60,6 +60,8 @@ def test_runtime_keys_leave_the_digest_alone_and_other_keys_are_refused_all_at_o
         "training.memory_budget_mb=7",
         "training.stack_threads=5",
         "aggregation.inference=stacked",
+        "aggregation.method=hard",
+        "aggregation.weights=[1, 2, 3]",
     ],
 )
 def test_every_runtime_key_is_outside_the_digest(override):

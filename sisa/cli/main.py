@@ -16,6 +16,8 @@ from ..config import RUNTIME_KEYS, Config
 from ..exceptions import SisaError, UsageError
 from .audit import HANDLERS as AUDIT_HANDLERS
 from .audit import add_parsers as add_audit_parsers
+from .tables import HANDLERS as TABLE_HANDLERS
+from .tables import add_parsers as add_table_parsers
 
 # The library names a wrong argument by its parameter (UsageError); the CLI shows the flag that set it.
 FLAGS = {
@@ -33,9 +35,10 @@ FLAGS = {
     "holdout": "--holdout",
     "methods": "--methods",
     "specs": "--forget",
+    "min_count": "--min-count",
 }
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = dict(AUDIT_HANDLERS)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {**AUDIT_HANDLERS, **TABLE_HANDLERS}
 RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
 
 
@@ -67,10 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="finish an interrupted training of --run")
     t.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
-    pr = sub.add_parser("predict", help="predict with the live ensemble")
-    pr.add_argument("--run", required=True)
-    pr.add_argument("--data", required=True, help="table of instances (.parquet, .csv, .npz)")
-    pr.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    add_table_parsers(sub, _runtime_option)  # schema, predict, evaluate
 
     d = sub.add_parser("delete", help="forget records (by ID) or data subjects and retrain what saw them")
     d.add_argument("--run", required=True)
@@ -225,38 +225,6 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
-@command("predict")
-def _predict(a: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from ..estimator import SisaClassifier
-    from ..store.files import write_parquet
-    from ..tables.table import read_table
-
-    path = Path(a.out)
-    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
-        raise SisaError(f"predict --out: expected a .parquet or .csv file name, got {a.out!r}")
-    if not path.parent.is_dir():
-        raise SisaError(f"predict --out: folder {str(path.parent)!r} does not exist")
-    clf = SisaClassifier.load(a.run)
-    df = read_table(a.data)
-    proba = clf.predict_proba(df)
-    idx = proba.argmax(axis=1)
-    out = pd.DataFrame()
-    id_col = clf.config.data.id_column
-    if id_col in df.columns:
-        out[id_col] = df[id_col].to_numpy()
-    out["prediction"] = [clf.classes_[i] for i in idx]
-    for j, c in enumerate(clf.classes_):
-        out[f"proba_{c}"] = proba[:, j]
-    if path.suffix.lower() == ".csv":
-        out.to_csv(path, index=False)
-    else:
-        write_parquet(path, out)
-    print(f"wrote {len(out)} predictions to {path}")
-    return 0
-
-
 @command("delete")
 def _delete(a: argparse.Namespace) -> int:
     from ..unlearning import delete
@@ -375,7 +343,7 @@ def _verify_erasure(a: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         for c in report.checks:
-            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+            print(f"{'FAIL' if not c.ok else 'warn' if c.warning else 'ok  '} {c.name}: {c.detail}")
     if not report.ok:
         failed = ", ".join(c.name for c in report.checks if not c.ok)
         print(f"sisa: error: verify --erasure: failed checks: {failed}", file=sys.stderr)

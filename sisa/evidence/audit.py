@@ -82,13 +82,15 @@ def member_group(run: RunDir, cfg: Config, ensemble: Ensemble, limit: int, seed:
     return Group(np.concatenate(feats)[keep], np.concatenate(labels)[keep], np.concatenate(target)[keep])
 
 
-def load_rows(path: str | Path, cfg: Config, what: str) -> Table:
+def load_rows(path: str | Path, cfg: Config, what: str, purpose: str = "train") -> Table:
+    """A labelled table encoded like the run's (``purpose="score"``: IDs and subjects optional)."""
     return validate_table(
         read_table(path),
         cfg.data,
         f"{what} {path}",
         classes=cfg.data.classes,
         feature_names=cfg.data.features,
+        purpose=purpose,
     )
 
 
@@ -237,7 +239,7 @@ def run_audit(
                 )
             ]
         )
-    unseen_rows = load_rows(holdout, cfg, "--holdout")
+    unseen_rows = load_rows(holdout, cfg, "--holdout", purpose="score")
     deleted_rows = load_rows(deleted, cfg, "--deleted") if deleted else None
     if deleted_rows is not None:
         check_deleted(run, run.index(), deleted_rows)

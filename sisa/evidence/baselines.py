@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import Config, TrainingConfig
 from ..exceptions import ConfigError
-from ..train.models import build_model
+from ..train.models import fit_prefix, shard_model
 from ..train.optim import Optimizer
 from ..train.shard import derive_seed
 
@@ -100,9 +100,10 @@ def fit_model(config: Config, records: Records, seed: int | None = None) -> nn.M
     t = config.training
     seed = t.seed if seed is None else seed
     n_classes = len(config.data.classes or []) or int(records.labels.max()) + 1
-    model = build_model(
-        config.model, records.features.shape[1], n_classes, derive_seed(seed, "init", "single")
-    )
+    model = shard_model(config, derive_seed(seed, "init", "single"), records.features.shape[1], n_classes)
+    # one model, no slices: a slice0 prefix is fitted on every record it trains on (which is why approximate
+    # unlearning cannot remove a record from it, and why its exact reference refits on the retained set)
+    fit_prefix(model, records.features)
     return _train_steps(
         model, records, _steps(len(records), t.epochs, t.batch_size), t.lr, t.batch_size, seed
     )

@@ -39,7 +39,7 @@ from torch import nn
 from ..aggregation import Ensemble
 from ..config import Config
 from ..exceptions import ConfigError, UsageError
-from ..fitting import load_training_table, train
+from ..fitting import freeze_data, load_training_table, train
 from ..store.rundir import RunDir
 from ..tables.table import Table, read_table, validate_table
 from ..unlearning import delete
@@ -168,11 +168,9 @@ def compare(config: Config, specs: list[str], methods: list[str] | None = None, 
         raise ConfigError(["data.test: compare needs a test table for accuracy and the membership attack"])
     test = validate_table(
         read_table(config.data.test), config.data, config.data.test, classes=table.classes,
-        feature_names=table.feature_names,
+        feature_names=table.feature_names, purpose="score",
     )  # fmt: skip
-    raw = config.to_dict()
-    raw["data"]["classes"] = list(table.classes)
-    config = Config.from_dict(raw)
+    config = freeze_data(config, table)
     methods = list(METHODS) if methods is None else methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -30,6 +30,8 @@ from ..store.index import keyed_id_hashes
 from ..store.journal import Journal
 from ..store.rundir import RunDir
 from ..store.shardfile import RECORD_ID, ShardRows, fingerprints, shard_dir, slice_file
+from ..tables.encoder import Encoder
+from ..tables.schema import schema_of
 from ..tables.table import read_table, validate_table
 
 # Shorter IDs ("42") occur by chance in any binary file: they are matched as values (Parquet ID columns, JSON).
@@ -41,6 +43,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # worth a look, but not a failure (ok stays True)
 
 
 @dataclass
@@ -79,6 +82,8 @@ def check_erasure(
         checks = [_check_journal(run, index), _check_tombstones(index, secret), _check_leftovers(run)]
         frames = {s: run.shard_rows(s) for s in range(config.sharding.shards)}
         checks += [_check_data_files(index, frames), _check_checkpoints(run, config, manifest, frames)]
+        if config.data.schema is not None:
+            checks.append(_check_schema_values(config, frames))
         rows = None
         if data is not None:
             table = _original_rows(config, data)
@@ -180,6 +185,31 @@ def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict
                 problems.append(f"{ck.relative_to(run.root)}: fingerprint differs from the recomputed chain")
     ok_text = f"{count} checkpoint(s) on disk, all named by the manifest, fingerprints match the stored data"
     return _check("checkpoints", problems, ok_text)
+
+
+def _check_schema_values(config: Config, frames: dict[int, ShardRows]) -> Check:
+    """Declared categories that no active record holds (a warning: the schema outlives deletions, so a value whose
+    only holders were deleted is still written in the config; if it identified them, re-draft and retrain)."""
+    schema = schema_of(config.data)
+    columns = Encoder(schema).category_columns() if schema is not None else []
+    held = {name: 0.0 for _, _, name in columns}
+    where = {name: i for i, name in enumerate(config.data.features or [])}
+    for rows in frames.values():
+        for name in held:
+            held[name] += float(rows.features[:, where[name]].sum()) if name in where else 0.0
+    orphans = [f"{column}={value!r}" for column, value, name in columns if held[name] == 0]
+    if not orphans:
+        return Check(
+            "schema values",
+            True,
+            f"each of the {len(columns)} declared categories is held by an active record",
+        )
+    detail = (
+        f"warning: {len(orphans)} declared categor(ies) no active record holds: {', '.join(orphans[:20])}; the "
+        "schema outlives deletions, so if such a value identified a deleted person, draft the schema again "
+        "without it (sisa schema) and train a new run"
+    )
+    return Check("schema values", True, detail, warning=True)
 
 
 def _original_rows(config: Config, data):

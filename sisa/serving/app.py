@@ -29,6 +29,7 @@ from .schema import (
     ServerSettings,
     deletion_ids,
     instances_matrix,
+    raw_instances_matrix,
     request_models,
     validation_problems,
 )
@@ -48,7 +49,10 @@ def create_app(server: Server | str | Path, settings: ServerSettings | None = No
         server = Server(server, settings)
     state = server.state
     has_subjects = bool(state.config.data.subject_column)
-    PredictRequest, DeletionRequest = request_models(state.feature_names, state.settings, has_subjects)
+    schema = state.encoder.schema if state.encoder is not None else None
+    PredictRequest, DeletionRequest = request_models(
+        state.feature_names, state.settings, has_subjects, schema
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +68,10 @@ def create_app(server: Server | str | Path, settings: ServerSettings | None = No
 
     @app.post("/predict", responses=_doc(422, 503), summary="predict with the serving shards")
     def predict(body: PredictRequest) -> JSONResponse:
-        X = instances_matrix(body.instances, state.feature_names, state.settings.max_batch)
+        if state.encoder is not None:  # raw records, encoded like the training table
+            X = raw_instances_matrix(body.instances, state.encoder, state.settings.max_batch)
+        else:
+            X = instances_matrix(body.instances, state.feature_names, state.settings.max_batch)
         snap = state.snapshot()  # one snapshot reference for the whole computation
         try:
             proba = snap.predict_proba(X)

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, DataError
+from ..tables.encoder import Encoder
+from ..tables.schema import UNKNOWN, Schema
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_ID_CHARS = 256
@@ -65,23 +68,57 @@ class ServerSettings:
         return self
 
 
+def raw_instance_schema(schema: Schema) -> dict:
+    """The JSON schema of one raw record: the schema's columns with their types (and declared categories); a
+    column left out or null is a missing value."""
+    props = {}
+    for c in schema.columns:
+        if c.type == "numeric":
+            props[c.name] = {"type": ["number", "null"], "description": f"numeric; missing: {c.missing}"}
+        elif c.type == "boolean":
+            props[c.name] = {"type": ["boolean", "null"], "description": f"boolean; missing: {c.missing}"}
+        elif c.type == "categorical":
+            what = (
+                f"one of {list(c.categories)}"
+                if not c.hash_buckets
+                else f"hashed into {c.hash_buckets} buckets"
+            )
+            props[c.name] = {
+                "type": ["string", "number", "integer", "boolean", "null"],
+                "description": f"categorical, {what}; any other value goes to the {UNKNOWN} bucket",
+                **(
+                    {"examples": list(c.categories), "x-categories": list(c.categories)}
+                    if c.categories
+                    else {}
+                ),
+            }
+        else:
+            props[c.name] = {"description": "ignored (not a feature)"}
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
+
 def request_models(
-    feature_names: list[str], settings: ServerSettings, has_subjects: bool
+    feature_names: list[str], settings: ServerSettings, has_subjects: bool, schema: Schema | None = None
 ) -> tuple[type, type]:
-    """Pydantic models of the two POST bodies, with a JSON schema exact for this run's features."""
+    """Pydantic models of the two POST bodies, with a JSON schema exact for this run's features (its raw
+    columns when the run has a ``data.schema``)."""
     number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
     n = len(feature_names)
-    instance = {
-        "oneOf": [
-            {
-                "type": "object",
-                "properties": {f: number for f in feature_names},
-                "required": list(feature_names),
-                "additionalProperties": False,
-            },
-            {"type": "array", "items": number, "minItems": n, "maxItems": n},
-        ]
-    }
+    instance = (
+        raw_instance_schema(schema)
+        if schema is not None
+        else {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {f: number for f in feature_names},
+                    "required": list(feature_names),
+                    "additionalProperties": False,
+                },
+                {"type": "array", "items": number, "minItems": n, "maxItems": n},
+            ]
+        }
+    )
     instances_schema = {"type": "array", "items": instance, "minItems": 1, "maxItems": settings.max_batch}
     an_id = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, {"type": "integer"}]}
     ids_schema = {"type": "array", "items": an_id, "maxItems": settings.max_delete_ids}
@@ -111,14 +148,47 @@ def request_models(
 
 
 # ---- instances ----------------------------------------------------------------------------------------------
-def instances_matrix(instances: list, feature_names: list[str], max_batch: int) -> np.ndarray:
-    """float32 [n, F] from JSON instances; raises ApiError(422) listing every problem (first 20)."""
+def raw_instances_matrix(instances: list, encoder: Encoder, max_batch: int) -> np.ndarray:
+    """Raw JSON records -> the encoder's float32 [n, F]; ApiError(422) naming the column and instance of every
+    problem (an unknown column, text where a number belongs, a gap where the schema says missing: error)."""
+    _batch_size(instances, max_batch)
+    problems = [
+        f"instances[{i}]: expected an object of raw columns, got {_describe(inst)}"
+        for i, inst in enumerate(instances)
+        if not isinstance(inst, dict)
+    ]
+    if problems:
+        raise _invalid("invalid instances", problems)
+    known = set(encoder.schema.names)
+    for i, inst in enumerate(instances):
+        unknown = [k for k in inst if k not in known]
+        if unknown:
+            problems.append(
+                f"instances[{i}]: unknown columns {unknown[:10]}; expected some of {sorted(known)[:20]}"
+            )
+    if problems:
+        raise _invalid("invalid instances", problems)
+    frame = pd.DataFrame([{c: inst.get(c) for c in encoder.schema.names} for inst in instances], dtype=object)
+    try:
+        return encoder.encode(frame, "instances")
+    except DataError as exc:
+        raise _invalid(
+            "invalid instances", [p.replace(" at rows ", " at instances ") for p in exc.problems]
+        ) from None
+
+
+def _batch_size(instances: list, max_batch: int) -> None:
     if len(instances) == 0:
         raise ApiError(422, "empty batch: send at least one instance in 'instances'")
     if len(instances) > max_batch:
         raise ApiError(
             422, f"too many instances: {len(instances)} exceed this server's limit of {max_batch} per request"
         )
+
+
+def instances_matrix(instances: list, feature_names: list[str], max_batch: int) -> np.ndarray:
+    """float32 [n, F] from JSON instances; raises ApiError(422) listing every problem (first 20)."""
+    _batch_size(instances, max_batch)
     names, problems = list(feature_names), []
     known = set(names)
     rows = [_row(i, inst, names, known, problems) for i, inst in enumerate(instances)]

@@ -35,7 +35,9 @@ from ..session import recover
 from ..store.checkpoints import load_checkpoint
 from ..store.journal import PENDING, Journal
 from ..store.rundir import RunDir
-from ..train.models import build_model
+from ..tables.encoder import Encoder
+from ..tables.schema import schema_of
+from ..train.models import shard_model
 from .schema import ApiError, ServerSettings
 
 log = logging.getLogger("sisa.serving.state")
@@ -129,6 +131,8 @@ class ServingState:
         self.settings = (settings or ServerSettings()).validate()
         self.config = self.run.config()
         self.feature_names = list(self.config.data.features or [])
+        schema = schema_of(self.config.data)  # the run's frozen schema: /predict takes raw records
+        self.encoder = Encoder(schema) if schema is not None else None
         self.classes = list(self.config.data.classes or [])
         self.journal = Journal(self.run.journal_dir)
         self.recovered = recover(self.run)  # replay acknowledged deletions a crash left pending
@@ -216,7 +220,7 @@ class ServingState:
         if cached is not None and cached[0] == name:
             return cached[1]
         ck = load_checkpoint(self.run.shard_checkpoints(s) / name, entry["fingerprint"])
-        model = build_model(self.config.model, len(self.feature_names), len(self.classes), 0)
+        model = shard_model(self.config, 0)
         model.load_state_dict(ck.model)
         model = model.eval()
         self._models[s] = (name, model)

@@ -33,7 +33,7 @@ from .journal import Journal
 from .shardfile import ShardRows, concat, from_bytes, slice_file
 
 MANIFEST_FORMAT = "sisa-manifest/2"
-OLD_FORMATS = ("sisa-manifest/1",)  # one Parquet file per shard; `sisa migrate` converts it
+OLD_FORMATS = ("sisa-manifest/1",)  # one Parquet file per shard: refused with how to proceed
 
 
 class RunDir:
@@ -105,7 +105,8 @@ class RunDir:
         if m.get("format") in OLD_FORMATS:
             raise RunStateError(
                 f"{self.root} was written by an older sisa (format {m['format']!r}: one data file per shard); "
-                f"convert it with `sisa migrate --run {self.root}` (no retraining, the models stay bit for bit)"
+                "this version reads format 2 (one file per shard slice) only: train it again from its original data "
+                "with `sisa train` (a converter that keeps the models is not written yet)"
             )
         if m.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(self.manifest_path, f"unknown manifest format {m.get('format')!r}")

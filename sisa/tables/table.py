@@ -15,6 +15,8 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..exceptions import DataError
+from .encoder import Encoder
+from .schema import schema_of
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -98,6 +100,12 @@ def feature_columns(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
     return [c for c in df.columns if c not in reserved]
 
 
+# What a table is for decides which columns it must have (docs/preprocessing.md, "Tables as they come"):
+# training needs IDs and labels (and the subject / deletion-probability columns the config names); a scored table
+# (data.test, `sisa evaluate`) needs labels only; prediction input needs neither. Absent IDs become row numbers.
+PURPOSES = ("train", "score", "predict")
+
+
 def validate_table(
     df: pd.DataFrame,
     cfg: DataConfig,
@@ -105,34 +113,59 @@ def validate_table(
     classes: list | None = None,
     feature_names: list[str] | None = None,
     require_labels: bool = True,
+    purpose: str | None = None,
 ) -> Table:
     """Check ``df`` against the config and return a :class:`Table`; raise one DataError listing every problem.
 
-    ``classes`` (frozen at training time) maps labels to indices; labels outside it are errors. With
-    ``require_labels=False`` (prediction input) the label column may be absent.
+    ``classes`` (frozen at training time) maps labels to indices; labels outside it are errors. ``purpose`` is one
+    of :data:`PURPOSES` (default ``train``, or ``predict`` with ``require_labels=False``). With a ``data.schema``
+    the features are the :class:`~sisa.tables.encoder.Encoder`'s encoding of the raw columns.
     """
-    problems: list[str] = []
+    purpose = purpose or ("train" if require_labels else "predict")
     if len(df) == 0:
         raise DataError(source, ["the table is empty (0 rows)"])
-    names = feature_names if feature_names is not None else feature_columns(df, cfg)
-    wanted = [cfg.id_column] if require_labels else []
-    if require_labels:
-        wanted.append(cfg.label_column)
-    for extra in (cfg.subject_column, cfg.deletion_prob_column):
-        if extra and require_labels:
-            wanted.append(extra)
-    missing = [c for c in wanted + list(names) if c not in df.columns]
+    schema = schema_of(cfg)
+    if schema is not None:
+        names = schema.feature_names()
+    else:
+        names = feature_names if feature_names is not None else feature_columns(df, cfg)
+    wanted = _required_columns(cfg, purpose) + ([] if schema is not None else list(names))
+    missing = [c for c in wanted if c not in df.columns]
     if missing:
         raise DataError(source, [f"missing columns {missing}; the table has {list(df.columns)[:20]}"])
     if not names:
         raise DataError(source, ["no feature columns: every column is an ID/label/subject column"])
+    problems: list[str] = []
+    if schema is not None:
+        reserved = [cfg.id_column, cfg.label_column, cfg.subject_column, cfg.deletion_prob_column]
+        features = Encoder(schema).encode_into(df, problems, extra=[c for c in reserved if c])
+    else:
+        features = _check_features(df, names, problems)
+    table = _checked_columns(df, cfg, purpose, classes, problems)
+    if problems:
+        raise DataError(source, problems)
+    table.features, table.feature_names = features, list(names)
+    return table
+
+
+def _required_columns(cfg: DataConfig, purpose: str) -> list[str]:
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose: expected one of {PURPOSES}, got {purpose!r}")
+    if purpose == "predict":
+        return []
+    if purpose == "score":
+        return [cfg.label_column]
+    return [c for c in (cfg.id_column, cfg.label_column, cfg.subject_column, cfg.deletion_prob_column) if c]
+
+
+def _checked_columns(df: pd.DataFrame, cfg: DataConfig, purpose: str, classes, problems: list[str]) -> Table:
+    """IDs, labels, subjects and deletion probabilities (features are filled in by the caller)."""
     ids = _check_ids(df, cfg.id_column, problems) if cfg.id_column in df.columns else None
-    features = _check_features(df, names, problems)
-    labels, classes = None, classes
-    if cfg.label_column in df.columns and require_labels:
+    labels = None
+    if cfg.label_column in df.columns and purpose != "predict":
         labels, classes = _check_labels(df[cfg.label_column], cfg.label_column, classes, problems)
     subjects = None
-    if cfg.subject_column and require_labels:
+    if cfg.subject_column and purpose == "train":
         s = df[cfg.subject_column]
         if s.isna().any():
             problems.append(
@@ -140,16 +173,14 @@ def validate_table(
             )
         subjects = s.reset_index(drop=True)
     prob = None
-    if cfg.deletion_prob_column and require_labels:
+    if cfg.deletion_prob_column and purpose == "train":
         prob = _check_probabilities(df[cfg.deletion_prob_column], cfg.deletion_prob_column, problems)
-    if problems:
-        raise DataError(source, problems)
     n = len(df)
     return Table(
         ids=ids if ids is not None else pd.Series(np.arange(n)),
         labels=labels if labels is not None else np.full(n, -1, dtype=np.int64),
-        features=features,
-        feature_names=list(names),
+        features=np.zeros((n, 0), dtype=np.float32),
+        feature_names=[],
         classes=list(classes) if classes is not None else [],
         subjects=subjects,
         deletion_prob=prob,
@@ -245,8 +276,13 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def features_for_prediction(data, feature_names: list[str]) -> np.ndarray:
-    """Turn prediction input (DataFrame with named columns, or array in feature order) into float32 [n, F]."""
+def features_for_prediction(data, feature_names: list[str], config: DataConfig | None = None) -> np.ndarray:
+    """Turn prediction input (DataFrame with named columns, or array in feature order) into float32 [n, F].
+
+    With ``config`` naming a ``data.schema``, a DataFrame holds raw columns and goes through the encoder (its ID,
+    label and subject columns, when present, are ignored); an array is taken as already encoded."""
+    if isinstance(data, pd.DataFrame) and config is not None and config.schema is not None:
+        return validate_table(data, config, "prediction input", purpose="predict").features
     if isinstance(data, pd.DataFrame):
         missing = [c for c in feature_names if c not in data.columns]
         if missing:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..exceptions import ConfigError
 from . import units
-from .models import build_model
+from .models import shard_model
 from .optim import Optimizer
 from .shard import batch_loss, resolve_device
 from .stacked_models import ShardStack, SliceRunner, batched_forward, module_tensors, stacked_loss
@@ -84,7 +84,7 @@ def choose_training(config: Config) -> TrainingChoice:
 def shape_model(config: Config) -> torch.nn.Module:
     """The config's model at its run's shapes (any seed): what sizing decisions look at."""
     n_f, n_c = len(config.data.features or []), len(config.data.classes or [])
-    return build_model(config.model, max(n_f, 1), max(n_c, 2), 0)
+    return shard_model(config, 0, max(n_f, 1), max(n_c, 2))
 
 
 def auto_executor(config: Config, device: str, model: torch.nn.Module | None = None) -> str:
@@ -127,7 +127,7 @@ def stacking_obstacle(config: Config, device: str) -> str | None:
 
 def _probe_step(config: Config, device: str) -> None:
     n_f, n_c = len(config.data.features), len(config.data.classes)
-    models = [build_model(config.model, n_f, n_c, seed) for seed in (1, 2)]
+    models = [shard_model(config, seed, n_f, n_c) for seed in (1, 2)]
     stack = ShardStack(models[0], [module_tensors(m) for m in models], device)
     x = torch.randn(2, 3, n_f, generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.zeros(2, 3, dtype=torch.int64, device=device)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..store.checkpoints import save_checkpoint
-from .models import GLOBAL_RNG_LOCK, build_model
+from .models import GLOBAL_RNG_LOCK, shard_model
 from .optim import Optimizer
 from .shard import (
     Batch,
@@ -111,13 +111,15 @@ class GroupTrainer:
         self.spec, self.mode, self.device = spec, mode, spec.device
         self.stop = stop  # set when another lane failed or the caller was interrupted: end at the next step
         cfg = spec.config
-        template = build_model(cfg.model, spec.n_features, spec.n_classes, 0)
+        template = shard_model(cfg, 0, spec.n_features, spec.n_classes)
         states, opt_states = [], {}
         for i, job in enumerate(slots):
             if job is None:
                 states.append(zeros_like_state(template))
                 continue
-            model, opt = initial_state(spec, job)  # the loop's own initialisation / checkpoint restore
+            model, opt = initial_state(
+                spec, job, data[job.shard]
+            )  # the loop's own initialisation / checkpoint restore
             states.append(module_tensors(model))
             opt_states[i] = opt.state_dict()
         self.stack = ShardStack(template, states, spec.device)

@@ -1,8 +1,11 @@
 """Sub-model architectures: a tabular MLP, a small image CNN, or a user's own ``torch.nn.Module``.
 
-Models are built from the config and the data's shape. Input preprocessing that the models do (a fixed scale, a
-reshape to an image) is fixed in config, never fitted on training rows (docs/design.md §2.5). Initialisation draws from a
-generator seeded by (seed, shard) only.
+Models are built from the config and the data's shape by ONE factory, :func:`shard_model`, wherever a shard model
+is made (training, the stacked executor, the ensemble, the server, the baselines). Input preprocessing that the
+models do is fixed in config (a scale, a reshape to an image), or — for ``scaling: slice0`` columns of a
+``data.schema`` — held in the shard model itself: :class:`FittedScaling` is fitted on that shard's first slice
+only, when the shard trains from scratch, and restored from its checkpoints otherwise (docs/design.md §2.5,
+docs/preprocessing.md). Initialisation draws from a generator seeded by (seed, shard) only.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import importlib
 import math
 import threading
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig, fitted_columns
 from ..exceptions import ConfigError
 
 # Held by whoever borrows torch's global CPU generator (initialisation here, a stacked shard's dropout draws in
@@ -31,6 +35,73 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.factor == 1.0 else x * self.factor
+
+
+class FittedScaling(nn.Module):
+    """A non-trainable prefix: ``(x - center) * factor`` on the ``slice0`` columns, identity elsewhere.
+
+    ``center`` is the mean and ``factor`` 1/std of the column's observed (non-missing) values in the shard's first
+    slice (:meth:`fit`); where the column's missing indicator is 1 the output is 0 (the slice-0 mean). Other columns
+    have center 0 and factor 1, which leaves their values bit for bit as they are. The buffers are in the state
+    dict, so checkpoints carry them and a resumed shard never refits."""
+
+    def __init__(self, n_features: int, columns: list[tuple[int, int | None]]):
+        super().__init__()
+        self.columns = [(int(v), None if m is None else int(m)) for v, m in columns]
+        self.register_buffer("center", torch.zeros(n_features))
+        self.register_buffer("factor", torch.ones(n_features))
+        # column j is zeroed where column mask_index[j] is 1; index n_features is a padded zero column
+        index = torch.full((n_features,), n_features, dtype=torch.int64)
+        for v, m in self.columns:
+            if m is not None:
+                index[v] = m
+        self.register_buffer("mask_index", index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fitted_scaling(x, self.center, self.factor, self.mask_index)
+
+    @torch.no_grad()
+    def fit(self, rows: np.ndarray) -> None:
+        """Statistics of ``rows`` (the shard's slice-0 rows, encoded), in float64 with exactly rounded sums
+        (``math.fsum``: independent of row order). A column with no observed value in slice 0 (an empty slice 0,
+        or all missing) gets center 0, factor 1; one with zero variance gets its mean and factor 1."""
+        center, factor = self.center.clone(), self.factor.clone()
+        for v, m in self.columns:
+            observed = rows[:, v] if m is None else rows[rows[:, m] < 0.5, v]
+            c, f = column_statistics(np.asarray(observed, dtype=np.float64))
+            center[v], factor[v] = c, f
+        self.center.copy_(center)
+        self.factor.copy_(factor)
+
+
+def column_statistics(values: np.ndarray) -> tuple[float, float]:
+    """(mean, 1/std) of ``values`` as float32-representable numbers; (0, 1) when empty, factor 1 when constant."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 1.0
+    mean = math.fsum(values.tolist()) / n
+    var = math.fsum(((values - mean) ** 2).tolist()) / n
+    std = math.sqrt(var)
+    return float(np.float32(mean)), float(np.float32(1.0 / std)) if std > 0 and math.isfinite(std) else 1.0
+
+
+def fitted_scaling(
+    x: torch.Tensor, center: torch.Tensor, factor: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """The prefix's arithmetic, shared by one model and a stack (``center``/``factor`` broadcast over rows)."""
+    mask = nn.functional.pad(x, (0, 1)).index_select(-1, index)
+    return (x - center) * factor * (1.0 - mask)
+
+
+class Prefixed(nn.Module):
+    """A user's module behind a :class:`FittedScaling` prefix."""
+
+    def __init__(self, fitted: FittedScaling, inner: nn.Module):
+        super().__init__()
+        self.fitted, self.inner = fitted, inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.fitted(x))
 
 
 class MLP(nn.Module):
@@ -51,8 +122,11 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.activation = activation
         self.dropout = float(dropout)
+        self.fitted: FittedScaling | None = None  # set by shard_model for a schema with slice0 columns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fitted is not None:
+            x = self.fitted(x)
         x = self.scale(x)
         act = torch.relu if self.activation == "relu" else torch.tanh
         for i, layer in enumerate(self.layers):
@@ -102,8 +176,11 @@ class CNN(nn.Module):
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.head = nn.Linear(c2 * (h // 4) * (w // 4), n_classes)
         self.dropout = float(dropout)
+        self.fitted: FittedScaling | None = None  # set by shard_model for a schema with slice0 columns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fitted is not None:
+            x = self.fitted(x)
         x = self.scale(x).reshape(-1, *self.shape)
         x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
@@ -131,6 +208,37 @@ def build_model(cfg: ModelConfig, n_features: int, n_classes: int, init_seed: in
                 [f"model.name: {cfg.name} returned {type(model).__name__}, expected a torch.nn.Module"]
             )
         return model
+
+
+def shard_model(
+    config: Config, init_seed: int, n_features: int | None = None, n_classes: int | None = None
+) -> nn.Module:
+    """THE shard model of a run: :func:`build_model`, behind a :class:`FittedScaling` prefix when the run's schema
+    has ``slice0`` columns (its statistics at their defaults until :func:`fit_prefix` or a checkpoint sets them).
+    ``n_features`` / ``n_classes`` default to the resolved config's feature and class lists."""
+    n_f = len(config.data.features or []) if n_features is None else n_features
+    n_c = len(config.data.classes or []) if n_classes is None else n_classes
+    model = build_model(config.model, n_f, n_c, init_seed)
+    columns = fitted_columns(config.data)
+    if not columns:
+        return model
+    fitted = FittedScaling(n_f, columns)
+    if isinstance(model, (MLP, CNN)):
+        model.fitted = fitted
+        return model
+    return Prefixed(fitted, model)
+
+
+def prefix_of(model: nn.Module) -> FittedScaling | None:
+    fitted = getattr(model, "fitted", None)
+    return fitted if isinstance(fitted, FittedScaling) else None
+
+
+def fit_prefix(model: nn.Module, first_slice: np.ndarray) -> None:
+    """Fit the model's prefix (if any) on its shard's slice-0 rows: the only rows it may ever depend on."""
+    fitted = prefix_of(model)
+    if fitted is not None:
+        fitted.fit(first_slice)
 
 
 def load_factory(path: str):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..store.checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
 from ..store.shardfile import ShardData
-from .models import build_model
+from .models import fit_prefix, shard_model
 from .optim import Optimizer
 
 
@@ -150,12 +150,16 @@ def checkpoint_meta(
     }
 
 
-def initial_state(spec: TrainSpec, job: ShardJob):
-    """A fresh model and optimizer for the shard, or both restored from checkpoint ``from_slice - 1``."""
+def initial_state(spec: TrainSpec, job: ShardJob, data: ShardData):
+    """A fresh model and optimizer for the shard, or both restored from checkpoint ``from_slice - 1``.
+
+    A fresh model's fitted prefix (``scaling: slice0`` columns) is fitted on the shard's slice-0 rows only
+    (docs/preprocessing.md): a deletion there retrains from here, and a later one restores the statistics."""
     cfg = spec.config
-    model = build_model(
-        cfg.model, spec.n_features, spec.n_classes, derive_seed(cfg.training.seed, "init", job.shard)
-    )
+    seed = derive_seed(cfg.training.seed, "init", job.shard)
+    model = shard_model(cfg, seed, spec.n_features, spec.n_classes)
+    if job.from_slice == 0:
+        fit_prefix(model, np.asarray(data.features[: int(data.slice_ends[0])], dtype=np.float32))
     model = model.to(spec.device)
     opt = Optimizer(cfg.training, dict(model.named_parameters()))
     if job.from_slice > 0:
@@ -170,7 +174,7 @@ def train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str =
     """Train one shard from ``job.from_slice`` to the end, writing a checkpoint after every slice."""
     configure_torch(spec)
     t0 = time.perf_counter()
-    model, opt = initial_state(spec, job)
+    model, opt = initial_state(spec, job, data)
     X = torch.as_tensor(np.array(data.features, dtype=np.float32, copy=True), device=spec.device)
     y = torch.as_tensor(np.array(data.labels, dtype=np.int64, copy=True), device=spec.device)
     result = ShardResult(job.shard, job.from_slice)

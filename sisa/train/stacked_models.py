@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .models import CNN, MLP
+from .models import CNN, MLP, fitted_scaling
 
 Dropout = Callable[[torch.Tensor], torch.Tensor]
 
@@ -133,10 +133,18 @@ def batched_forward(
     updated in place (BatchNorm statistics of a generic module)."""
     model, p = stack.template, stack.params
     if type(model) is MLP:
-        return _mlp(model, p, x, dropout)
+        return _mlp(model, p, _prefix(model, buffers, x), dropout)
     if type(model) is CNN:
-        return _cnn(model, p, x, dropout)
+        return _cnn(model, p, _prefix(model, buffers, x), dropout)
     return _vmap(model, p, buffers, x)
+
+
+def _prefix(model: MLP | CNN, buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The shards' fitted prefixes (sisa.train.models.FittedScaling), each with its own statistics."""
+    if model.fitted is None:
+        return x
+    center, factor = buffers["fitted.center"].unsqueeze(1), buffers["fitted.factor"].unsqueeze(1)
+    return fitted_scaling(x, center, factor, buffers["fitted.mask_index"][0])
 
 
 def _mlp(model: MLP, p: dict[str, torch.Tensor], x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
