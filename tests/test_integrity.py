@@ -12,9 +12,10 @@ import pytest
 from sisa.aggregation import Ensemble
 from sisa.cli import main as cli
 from sisa.estimator import SisaClassifier, run_status
-from sisa.exceptions import IntegrityError, UnrepairableError
+from sisa.exceptions import IntegrityError, RunStateError, UnrepairableError
 from sisa.repair import repair
 from sisa.store.checkpoints import load_checkpoint
+from sisa.store.files import atomic_write_json
 from sisa.store.journal import Journal
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
@@ -214,3 +215,12 @@ def test_a_file_damaged_during_a_deletion_is_not_trained_on_and_is_reported(run,
     assert receipt["status"] == "applied"
     assert cli.main(["verify", "--run", str(run.root)]) == 5
     assert f"integrity check failed for {run.slice_path(0, 1)}" in capsys.readouterr().err
+
+
+def test_a_run_of_the_old_format_is_refused_with_what_to_do(run):
+    manifest = run.manifest()
+    atomic_write_json(run.manifest_path, {**manifest, "format": "sisa-manifest/1"})
+    with pytest.raises(RunStateError) as err:
+        run.manifest()
+    assert "format 'sisa-manifest/1': one data file per shard" in str(err.value)
+    assert "train it again from its original data with `sisa train`" in str(err.value)
