@@ -144,7 +144,8 @@ def _prefix(model: MLP | CNN, buffers: dict[str, torch.Tensor], x: torch.Tensor)
     if model.fitted is None:
         return x
     center, factor = buffers["fitted.center"].unsqueeze(1), buffers["fitted.factor"].unsqueeze(1)
-    return fitted_scaling(x, center, factor, buffers["fitted.mask_index"][0])
+    # the mask layout comes from the schema, the same for every shard: the template's (an idle slot's is zeros)
+    return fitted_scaling(x, center, factor, model.fitted.mask_index)
 
 
 def _mlp(model: MLP, p: dict[str, torch.Tensor], x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
