@@ -15,7 +15,7 @@ import pandas as pd
 
 from .aggregation import Ensemble
 from .config import Config
-from .evaluation import score_table
+from .evaluation import current_metrics, score_table
 from .exceptions import RunStateError
 from .fitting import train
 from .session import reader_session
@@ -132,8 +132,11 @@ class SisaClassifier:
         return RunDir(self.run_dir)
 
 
-def run_status(root: str | Path) -> dict:
-    """Shards, slices, records active/deleted, generation, accuracy, pending deletions, balance."""
+def run_status(root: str | Path, accuracy: bool = True) -> dict:
+    """Shards, slices, records active/deleted, generation, accuracy, pending deletions, balance.
+
+    ``accuracy``: score the live generation on the test table when no training did (a deletion never does; the
+    score is kept for the next call: :func:`sisa.evaluation.current_metrics`); False reports only a kept one."""
     run = RunDir(root)
     manifest = run.require_manifest()
     cfg = run.config()
@@ -143,7 +146,7 @@ def run_status(root: str | Path) -> dict:
     entries = journal.entries()
     pending = journal.pending_shards()
     sizes = counts.sum(axis=1)
-    metrics = manifest.get("metrics", {})
+    metrics = current_metrics(run, cfg, manifest, compute=accuracy)
     return {
         "run": str(run.root),
         "generation": manifest["generation"],
@@ -168,4 +171,5 @@ def run_status(root: str | Path) -> dict:
         "shards_retraining": sorted(pending),
         "test_accuracy": metrics.get("test_accuracy"),
         "shard_accuracy": metrics.get("shard_accuracy"),
+        "test_accuracy_generation": metrics.get("generation"),
     }

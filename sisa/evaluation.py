@@ -1,5 +1,6 @@
-"""Scoring the live ensemble: on the held-out table that ``data.test`` names after every training and deletion
-(docs/design.md, "Lifecycle"), and on any labelled table on demand (``sisa evaluate``), without retraining."""
+"""Scoring the live ensemble: on the held-out table that ``data.test`` names after every training, lazily for a
+generation no training scored (a deletion never waits for it: :func:`current_metrics`, used by ``sisa status``),
+and on any labelled table on demand (``sisa evaluate``), without retraining (docs/design.md, "Lifecycle")."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from .aggregation import Ensemble
 from .config import Config
-from .exceptions import ConfigError, SisaError
+from .exceptions import ConfigError, RunLockedError, SisaError
+from .store.files import atomic_write_json, read_json, writer_lock
 from .store.rundir import RunDir
 from .tables.table import Table, read_table, validate_table
 
@@ -54,6 +56,35 @@ def evaluate(run: RunDir, config: Config, manifest: dict) -> dict:
         "test_rows": len(t),
         "shard_accuracy": per_shard,
     }
+
+
+def current_metrics(run: RunDir, config: Config, manifest: dict, compute: bool = True) -> dict:
+    """The live generation's test metrics, tagged with it: the manifest's when training scored this generation,
+    else the lazily computed ones kept in ``metrics.json``, else (``compute``) scored now and kept there when no
+    writer holds the run (the file is a cache: tagged with generation and config digest, never trusted beyond
+    them). ``{}`` when the run has no test table or when nothing was computed."""
+    tag = {"generation": manifest["generation"], "config_digest": manifest["config_digest"]}
+    stored = manifest.get("metrics", {})
+    if stored.get("generation") == tag["generation"]:
+        return stored
+    if not config.data.test:
+        return {}
+    try:
+        cached = read_json(run.metrics_path) if run.metrics_path.is_file() else {}
+    except SisaError:
+        cached = {}
+    if all(cached.get(k) == v for k, v in tag.items()):
+        return cached
+    if not compute:
+        return {}
+    metrics = {**evaluate(run, config, manifest), **tag}
+    if "error" not in metrics:
+        try:
+            with writer_lock(run.root, 0.0, "caching test metrics"):
+                atomic_write_json(run.metrics_path, metrics)
+        except (RunLockedError, OSError):
+            pass  # a writer is at work (the generation may be changing): return the score without keeping it
+    return metrics
 
 
 # ---- scoring a labelled table without retraining (`sisa evaluate`) -------------------------------------------

@@ -128,6 +128,34 @@ def test_delete_by_ids_and_file_with_json_receipt_and_status(project, capsys):
     assert code == 0 and "records active 147, deleted 3; deletion requests 2 (0 pending)" in out
 
 
+def test_a_deletion_never_scores_status_scores_the_new_generation_lazily(project, capsys, monkeypatch):
+    """Test-set evaluation is off a deletion's critical path: ``status`` scores the new generation once, keeps it
+    in metrics.json tagged with the generation, and ``--no-accuracy`` switches it off."""
+    import sisa.evaluation
+
+    tmp, _ = project
+    assert train(capsys, tmp)[0] == 0
+    run = tmp / "run"
+    calls = []
+    real = sisa.evaluation.evaluate
+    monkeypatch.setattr(sisa.evaluation, "evaluate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("sisa.refresh.evaluate", lambda *a: pytest.fail("a deletion scored the test table"))
+    assert run_cli(capsys, "delete", "--run", run, "user3@example.com")[0] == 0
+    assert not (run / "metrics.json").exists()
+    code, out, _ = run_cli(capsys, "status", "--run", run, "--json", "--no-accuracy")
+    st = json.loads(out)
+    assert code == 0 and st["test_accuracy"] is None and calls == []
+    for _ in range(2):  # scored once, then read back
+        code, out, _ = run_cli(capsys, "status", "--run", run, "--json")
+        st = json.loads(out)
+        assert 0.0 <= st["test_accuracy"] <= 1.0 and st["test_accuracy_generation"] == 2
+    assert calls == [1]
+    kept = json.loads((run / "metrics.json").read_text())
+    assert kept["generation"] == 2 and kept["test_accuracy"] == st["test_accuracy"]
+    code, out, _ = run_cli(capsys, "status", "--run", run)
+    assert f"ensemble test accuracy {st['test_accuracy']:.4f} (generation 2)" in out
+
+
 def one_line_error(code: int, err: str, expected_code: int, message: str) -> None:
     assert code == expected_code
     assert err.count("\n") == 1 and err.endswith("\n"), err

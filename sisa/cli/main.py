@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--no-accuracy",
+        action="store_true",
+        help="do not score a generation no training scored (after deletions) on the test table",
+    )
 
     # -- durability parsers: verify, history, repair --
     v = sub.add_parser("verify", help="certify the live models: retrain from scratch and compare bit for bit")
@@ -269,7 +274,7 @@ def _status(a: argparse.Namespace) -> int:
     from ..session import reader_session
 
     reader_session(a.run)
-    st = run_status(a.run)
+    st = run_status(a.run, accuracy=not a.no_accuracy)
     if a.json:
         print(json.dumps(st, indent=1, default=str))
         return 0
@@ -288,7 +293,7 @@ def _status(a: argparse.Namespace) -> int:
         f"serving {len(st['shards_serving'])}/{st['shards']}"
     )
     if acc is not None:
-        print(f"ensemble test accuracy {acc:.4f}")
+        print(f"ensemble test accuracy {acc:.4f} (generation {st['test_accuracy_generation']})")
     return 0
 
 

@@ -11,6 +11,7 @@ runs/<name>/
   manifest.json              the live generation: per shard, its checkpoint chain and slice digests; checksums of
                              every data and index file
   journal/<request>.json     deletion requests: pending -> applied, with receipts (keyed hashes only)
+  metrics.json               test accuracy of a generation no training scored, computed lazily by `status`
   lock                       the writer lock (flock)
 ```
 """
@@ -51,6 +52,7 @@ class RunDir:
     secret_path = property(lambda self: self.root / "secret.key")
     manifest_path = property(lambda self: self.root / "manifest.json")
     journal_dir = property(lambda self: self.root / "journal")
+    metrics_path = property(lambda self: self.root / "metrics.json")
     checkpoint_root = property(lambda self: self.root / "checkpoints")
     data_dir = property(lambda self: self.root / "data")
 
