@@ -152,6 +152,14 @@ def hand_retrain(run: RunDir, config: Config, shard: int, from_slice: int, data,
     return time.perf_counter() - t0
 
 
+def _warm_up() -> None:
+    """torch.optim's first step imports torch._dynamo (seconds, once per process): not the loop's cost."""
+    model = torch.nn.Linear(4, 2)
+    opt = _torch_adam(model, 1e-3, None)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+
+
 def _pick(run: RunDir, rng, k1: int, k8: int) -> tuple[list[list], list[list]]:
     """K=1 requests spread over the slices; K=8 requests of one record in each of 8 distinct shards."""
     active = run.index(verify=False).active
@@ -177,6 +185,7 @@ def handloop(root: Path, work: Path, rng, k1: int, k8: int, out: dict) -> None:
     run = RunDir(root)
     config = run.config()
     one, eight = _pick(run, rng, k1, k8)
+    _warm_up()
     res: dict = {"executor": config.training.executor, "n_jobs": config.training.n_jobs,
                  "threads": config.training.threads, "hand_loop_shards": "sequential (as the run: n_jobs=1)"}  # fmt: skip
     rows = []

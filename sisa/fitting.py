@@ -133,4 +133,5 @@ def train(
     with writer_lock(Path(root), wait_s, "train"):
         run = create_run(root, resolved, table, placement)
         del table, data  # training reads the run's files: the caller's frame is all that may stay in memory
+        pa.default_memory_pool().release_unused()  # and the Arrow buffers the slice files were built in
         return run, refresh(run)
