@@ -44,6 +44,11 @@ QUICK = Setup(
     shards=10, slices=10, speed_epochs=8, k1_deletions=10, k8_batches=3,
     par_shards=10, par_epochs=10, aware_shards=10, aware_slices=10, aware_batches=3, reps=2,
 )  # fmt: skip
+TINY = Setup(  # a smoke test of the script itself (tests/test_benchmarks.py): its numbers mean nothing
+    n=1_600, n_test=256, epochs=1, grid_shards=(1, 2), grid_slices=(1, 2),
+    shards=4, slices=4, speed_epochs=2, k1_deletions=2, k8_batches=1,
+    par_shards=2, par_epochs=1, aware_shards=2, aware_slices=2, aware_batches=1, reps=1,
+)  # fmt: skip
 HIDDEN = [128]
 
 

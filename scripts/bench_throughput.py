@@ -82,9 +82,9 @@ def _minimal_loop(X: np.ndarray, y: np.ndarray, epochs: float, optimizer: str) -
 # ---- parallel and stacked training -----------------------------------------------------------------------------
 def parallel(s: Setup, work: Path, df, out: dict) -> None:
     n = s.n * s.par_shards // s.shards  # keep D = N/S of the speedup section
-    table = _table(df.iloc[:n])
+    data_table = _table(df.iloc[:n])
     cfg = config(s.par_shards, 1, s.epochs, executor="loop")
-    run = create_run(work / "parallel", resolve_config(cfg, table), table)
+    run = create_run(work / "parallel", resolve_config(cfg, data_table), data_table)
     cfg = run.config()
     jobs, data, _ = plan(run, cfg, list(range(s.par_shards)))
     base = train_spec(run, cfg)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .config import Config
 from .evaluation import load_test_table
@@ -31,7 +32,10 @@ def load_training_table(config: Config) -> Table:
     if not config.data.train:
         raise ConfigError(["data.train: no training table given; set data.train in the config or pass data"])
     df = read_table(config.data.train)
-    return validate_table(df, config.data, config.data.train, classes=config.data.classes)
+    table = validate_table(df, config.data, config.data.train, classes=config.data.classes)
+    del df
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps the freed read buffers otherwise
+    return table
 
 
 def freeze_data(config: Config, table: Table) -> Config:
@@ -83,11 +87,14 @@ def create_run(
         )
     S, R = config.sharding.shards, config.sharding.slices
     run.write_files(RecordIndex.build(table.ids, placement, table.subjects).to_bytes(range(S)))
-    rows = build_rows(table.ids, table.labels, table.features, placement["slice"], placement["order"])
     shard_of = placement["shard"].to_numpy()
-    for s in range(S):
-        shard = training_order(rows.take(np.flatnonzero(shard_of == s)))
+    slices, orders = placement["slice"].to_numpy(), placement["order"].to_numpy()
+    for s in range(S):  # shard by shard: one shard's copy of the rows at a time, never the whole table's
+        at = np.flatnonzero(shard_of == s)
+        rows = build_rows(table.ids.iloc[at], table.labels[at], table.features[at], slices[at], orders[at])
+        shard = training_order(rows)
         run.write_files({slice_file(s, k): to_bytes(shard.slice(k)) for k in range(R)})
+        del rows, shard
     return run
 
 
@@ -125,4 +132,6 @@ def train(
     Path(root).mkdir(parents=True, exist_ok=True)
     with writer_lock(Path(root), wait_s, "train"):
         run = create_run(root, resolved, table, placement)
+        del table, data  # training reads the run's files: the caller's frame is all that may stay in memory
+        pa.default_memory_pool().release_unused()  # and the Arrow buffers the slice files were built in
         return run, refresh(run)

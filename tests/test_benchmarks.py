@@ -7,7 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from sisa.config import Config
+from sisa.exceptions import DataError
+from sisa.store.checkpoints import load_checkpoint
+from sisa.tables.table import validate_table
+from sisa.train.models import shard_model
+from sisa.unlearning import delete
+from tests.conftest import small_config, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +36,97 @@ def test_quick_throughput_sections_write_their_keys(tmp_path):
     assert result["stacked_equals_loop_cpu"] is True  # an actual bit-for-bit comparison of the two runs
     assert result["stacked_train_speedup_gpu"] is None or result["stacked_train_speedup_gpu"] > 0
     assert "stacked (" in proc.stdout and "lanes" in proc.stdout
+
+
+@pytest.mark.slow
+def test_tiny_deletion_sections_write_their_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "scripts/bench_unlearning.py", "--tiny", "--sections", "speedup,handloop,memory"]
+    proc = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for K in ("k1", "k8"):
+        assert 0 < result[f"deletion_overhead_share_{K}"] < 1
+        assert result[f"speedup_{K}_ratio"] > 0 and result[f"deletion_vs_hand_loop_{K}"] > 0
+        for key in (f"deletion_overhead_share_{K}", f"speedup_{K}_ratio", f"deletion_vs_hand_loop_{K}"):
+            assert isinstance(result[f"{key}_target_met"], bool), key
+        hand = result["handloop"][K]
+        assert 0 < hand["retrain_seconds"] < hand["deletion_seconds"]
+    assert result["train_peak_rss_vs_features"] > result["train_peak_rss_above_imports_vs_features"] > 0
+    assert "hand-written torch loop" in proc.stdout and "overhead share" in proc.stdout
+
+
+# ---- the pieces the deletion and memory sections are built from (fast) -----------------------------------------
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def test_retrain_clock_times_the_training_jobs_of_a_deletion(tmp_path, tabular):
+    from bench_deletion import overhead_share, retrain_clock, timed_deletion
+
+    import sisa.refresh
+
+    run = train_run(tmp_path / "run", tabular, small_config())
+    inner = sisa.refresh.run_jobs
+    receipt, wall, retrain = timed_deletion(run.root, [int(tabular["record_id"].iloc[0])])
+    assert sisa.refresh.run_jobs is inner  # put back
+    assert receipt["samples_retrained"] > 0 and 0 < retrain < wall
+    assert 0 < overhead_share([wall], [retrain]) < 1
+    with retrain_clock() as calls:
+        again = delete(run.root, [int(tabular["record_id"].iloc[0])])
+    assert again["status"] == "already_deleted" and calls == []  # nothing retrained, nothing timed
+    assert overhead_share([2.0, 2.0], [1.0, 2.0]) == 0.25
+
+
+def test_hand_loop_resumes_from_the_runs_checkpoint_and_writes_one_per_slice(tmp_path, tabular):
+    from bench_deletion import _torch_adam, hand_retrain, shard_tensors
+
+    run = train_run(tmp_path / "run", tabular, small_config())
+    config, entry = run.config(), run.manifest()["shards"][1]
+    ck = load_checkpoint(run.shard_checkpoints(1) / entry["checkpoints"][0])
+    data = shard_tensors(run, config, 1)
+    assert data.features.shape == (entry["records"], 6) and data.slice_ends[-1] == entry["records"]
+    secs = hand_retrain(run, config, 1, 1, data, tmp_path / "hand")
+    written = sorted(p.name for p in (tmp_path / "hand" / "shard-001").iterdir())
+    assert secs > 0 and len(written) == 2  # slices 1 and 2
+    for name in written:
+        model = load_file(tmp_path / "hand" / "shard-001" / name / "model.safetensors")
+        assert model.keys() == ck.model.keys()
+        assert (tmp_path / "hand" / "shard-001" / name / "optimizer.safetensors").stat().st_size > 0
+    model = shard_model(config, 0)
+    model.load_state_dict(ck.model)
+    opt = _torch_adam(model, config.training.lr, ck.optimizer)
+    for (
+        name,
+        p,
+    ) in model.named_parameters():  # the moments and step count of sisa's optimizer, in torch's Adam
+        assert torch.equal(opt.state[p]["exp_avg"], ck.optimizer[f"exp_avg.{name}"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], ck.optimizer[f"exp_avg_sq.{name}"])
+        assert int(opt.state[p]["step"]) == int(ck.optimizer["step"])
+
+
+def test_child_peak_rss_counts_only_that_child():
+    from bench_memory import child_peak_rss
+
+    small = child_peak_rss([sys.executable, "-c", "pass"])
+    big = child_peak_rss([sys.executable, "-c", "import numpy; a = numpy.ones(200 * 2**20 // 8)"])
+    assert small < 100 * 2**20 and big > small + 190 * 2**20
+
+
+def test_feature_matrix_built_column_by_column_equals_the_frame_conversion():
+    cfg = Config().data
+    df = pd.DataFrame({
+        "record_id": [1, 2, 3], "label": [0, 1, 0],
+        "f64": [0.1, 1e30, -2.5], "i64": [1, -7, 2**40], "i8": np.array([1, 2, 3], np.int8),
+        "flag": [True, False, True], "f32": np.array([0.3, 0.7, 1.1], np.float32),
+        "nullable": pd.array([1.25, 2.0, 3.5], dtype="Float64"),
+    })  # fmt: skip
+    table = validate_table(df, cfg, "mixed")
+    names = ["f64", "i64", "i8", "flag", "f32", "nullable"]
+    assert table.feature_names == names
+    expected = df[names].to_numpy(dtype=np.float32)
+    assert table.features.dtype == np.float32 and table.features.flags.c_contiguous
+    assert table.features.tobytes() == expected.tobytes()
+    df.loc[1, "f64"], df.loc[2, "f32"] = np.nan, np.inf
+    with pytest.raises(DataError) as err:
+        validate_table(df, cfg, "mixed")
+    assert "columns ['f64', 'f32']: NaN or infinite feature values at rows 1, 2" in str(err.value)

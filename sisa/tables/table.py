@@ -26,7 +26,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(str(path), ["file does not exist"])
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
+        # one pandas block per column, each Arrow buffer freed as it is converted: the table is held once, not
+        # twice (Arrow + a consolidated 2-D block) — a 40k x 600 float32 table peaked at 2.4x its size
+        return pd.read_parquet(path, to_pandas_kwargs={"split_blocks": True, "self_destruct": True})
     if suffix == ".csv":
         return pd.read_csv(path)
     if suffix == ".npz":
@@ -226,12 +228,19 @@ def _check_features(df: pd.DataFrame, names: list[str], problems: list[str]) -> 
         )
     if bad:
         return np.zeros((len(df), len(names)), dtype=np.float32)
-    values = df[names].to_numpy(dtype=np.float32)
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad_cols = [names[j] for j in np.flatnonzero(~finite.all(axis=0))][:10]
-        problems.append(f"columns {bad_cols}: NaN or infinite feature values at {_rows(~finite.all(axis=1))}")
-    return np.ascontiguousarray(values)
+    # column by column into one float32 matrix: no float64 or frame copy of the whole table on the way
+    values = np.empty((len(df), len(names)), dtype=np.float32)
+    bad_rows = np.zeros(len(df), dtype=bool)
+    bad_cols = []
+    for j, c in enumerate(names):
+        values[:, j] = df[c].to_numpy(dtype=np.float32)
+        finite = np.isfinite(values[:, j])
+        if not finite.all():
+            bad_cols.append(c)
+            bad_rows |= ~finite
+    if bad_cols:
+        problems.append(f"columns {bad_cols[:10]}: NaN or infinite feature values at {_rows(bad_rows)}")
+    return values
 
 
 def _check_labels(col: pd.Series, name: str, classes: list | None, problems: list[str]):
