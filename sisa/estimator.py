@@ -20,7 +20,7 @@ from .exceptions import RunStateError
 from .fitting import train
 from .session import reader_session
 from .sharding import imbalance
-from .store.journal import Journal
+from .store.journal import Journal, kind_of
 from .store.rundir import RunDir
 from .tables.table import Table, features_for_prediction
 from .unlearning import delete
@@ -157,7 +157,8 @@ def run_status(root: str | Path) -> dict:
         "records_active": int(len(index.active)),
         "records_deleted": int((index.tombstones["kind"] == "record").sum()) if len(index.tombstones) else 0,
         "subjects_active": int(index.active["subject_id"].nunique()) if index.has_subjects else None,
-        "deletion_requests": len(entries),
+        "deletion_requests": sum(kind_of(e) == "delete" for e in entries),
+        "addition_requests": sum(kind_of(e) == "add" for e in entries),
         "deletions_pending": sum(e["status"] == "pending" for e in entries),
         "shard_records": [int(v) for v in sizes],
         "shard_imbalance": round(imbalance(sizes), 4),
