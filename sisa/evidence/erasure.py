@@ -124,13 +124,12 @@ def _check_journal(run: RunDir, index) -> Check:
         if ids
     ]
     ok_text = f"{len(entries)} request(s), all applied, keyed hashes only, every deleted ID tombstoned"
-    if any(kind_of(e) == "add" and e["status"] == "applied" and "incoming" in e for e in entries):
-        staged = [
-            e["request_id"]
-            for e in entries
-            if e["status"] == "applied" and (run.root / e["incoming"]["file"]).exists()
-        ]
-        problems += [f"staged rows of applied additions still on disk: {staged}"] if staged else []
+    staged = [
+        e["request_id"]
+        for e in entries
+        if e["status"] == "applied" and "incoming" in e and (run.root / e["incoming"]["file"]).exists()
+    ]
+    problems += [f"staged rows of applied additions still on disk: {staged}"] if staged else []
     return _check("journal", problems, ok_text)
 
 
