@@ -257,11 +257,13 @@ class ServingState:
             "max_batch": self.settings.max_batch,
         }
 
-    def deletion(self, request_id: str, error: str | None = None) -> dict:
-        """A request's status; ``error``: why its retrain failed so far (pending requests only)."""
+    def deletion(self, request_id: str, error: str | None = None, kind: str = "delete") -> dict:
+        """A request's status; ``error``: why its retrain failed so far (pending requests only). ``kind``:
+        ``delete`` (GET /deletions/...) or ``add`` (GET /records/...)."""
         entry = self.journal.get(request_id) if REQUEST_ID.match(request_id) else None
-        if entry is None:
-            raise ApiError(404, f"unknown deletion request {request_id!r}")
+        if entry is None or kind_of(entry) != kind:
+            what = "deletion" if kind == "delete" else "addition"
+            raise ApiError(404, f"unknown {what} request {request_id!r}")
         out = {
             "request_id": entry["request_id"],
             "status": entry["status"],
