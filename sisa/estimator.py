@@ -18,6 +18,7 @@ from .config import Config
 from .evaluation import score_table
 from .exceptions import RunStateError
 from .fitting import train
+from .intake import add
 from .session import reader_session
 from .sharding import imbalance
 from .store.journal import Journal, kind_of
@@ -118,6 +119,12 @@ class SisaClassifier:
     # ---- unlearning -------------------------------------------------------------------------------------------
     def delete(self, ids: list | None = None, *, subjects: list | None = None, wait_s: float = 0.0) -> dict:
         receipt = delete(self._run().root, ids, subjects, wait_s=wait_s)
+        self._ensemble = None
+        return receipt
+
+    def add(self, rows: pd.DataFrame, *, allow_returning: bool = False, wait_s: float = 0.0) -> dict:
+        """Add new rows (the training table's columns) exactly: only the shards that receive rows retrain."""
+        receipt = add(self._run().root, rows, allow_returning=allow_returning, wait_s=wait_s)
         self._ensemble = None
         return receipt
 

@@ -288,3 +288,33 @@ def test_a_deleted_subject_is_not_resurrected(tmp_path):
     assert b"person-00003" not in _all_bytes(run.root)
     add(run.root, fresh, allow_returning=True)
     assert check_erasure(run.root).ok
+
+
+def test_add_to_a_schema_run_encodes_rows_as_training_did(tmp_path):
+    """Raw rows (text categories, gaps, slice-0 scaling) added to a schema run: the same bits as training on all."""
+    from tests.test_exactness_schema import customers, user_config
+
+    df = customers()
+    cfg = user_config(tmp_path, seed=0)
+    full = train_run(tmp_path / "full", df, cfg)
+    ids = rows_at(full, 0, 0)[:1] + rows_at(full, 1, 2)[:2]
+    run = train_run(tmp_path / "run", df.loc[~df["record_id"].isin(ids)], cfg)
+    receipt = add(run.root, df.loc[df["record_id"].isin(ids)])
+    assert receipt["shards_retrained"] == {"0": 0, "1": 2}
+    assert_runs_identical(run, full)
+    with pytest.raises(DataError, match="income"):
+        add(run.root, df.iloc[:1].assign(record_id="new-1").drop(columns=["income"]))
+
+
+def test_add_under_distribution_aware_placement_is_exact(tmp_path, tabular):
+    from tests.test_distribution_aware import da_config, deletion_probabilities
+
+    df = tabular.copy()
+    df["p"] = deletion_probabilities(len(df), seed=3)
+    cfg = da_config()
+    run, receipt, ids = add_and_compare(
+        tmp_path, df, cfg, lambda r: rows_at(r, 0, 3)[:2] + rows_at(r, 2, 1)[:1]
+    )
+    assert receipt["shards_retrained"] == {"0": 3, "2": 1}
+    with pytest.raises(DataError, match="missing columns \\['p'\\]"):
+        add(run.root, df.iloc[:1].assign(record_id=7777).drop(columns=["p"]))
