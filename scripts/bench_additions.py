@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             receipt, secs = timed(add, root, pool.iloc[ps])
             runs[K].append((secs, receipt["samples_retrained"], len(receipt["shards_retrained"])))
     shutil.rmtree(work / "run")
+    t_again = timed(train, work / "again", cfg, base)[
+        1
+    ]  # again at the end: the faster of the two (a shared machine)
+    shutil.rmtree(work / "again")
+    t_first, t_full = t_full, min(t_full, t_again)
 
     out: dict = {
         "quick": a.quick,
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": e,
         "executor": "loop",
         "full_retrain_seconds": t_full,
+        "full_retrain_seconds_runs": [t_first, t_again],
         "full_retrain_samples": full_samples,
         "torch": torch.__version__,
         "machine": platform.platform(),
