@@ -318,3 +318,24 @@ def test_add_under_distribution_aware_placement_is_exact(tmp_path, tabular):
     assert receipt["shards_retrained"] == {"0": 3, "2": 1}
     with pytest.raises(DataError, match="missing columns \\['p'\\]"):
         add(run.root, df.iloc[:1].assign(record_id=7777).drop(columns=["p"]))
+
+
+def test_distribution_aware_subjects_keep_their_slice_or_are_refused(tmp_path):
+    people = make_subjects(300, 30, seed=5, n_features=6)
+    people["p"] = 0.01  # every row stable: each subject sits in its uniform slice
+    cfg = small_config(
+        data={"subject_column": "subject_id", "deletion_prob_column": "p"},
+        sharding={"shards": 3, "slices": 4, "strategy": "distribution_aware"},
+    )
+    full = train_run(tmp_path / "full", people, cfg)
+    active = full.index().active
+    not_last = active.loc[active["slice"] < 3].drop_duplicates("subject_id").iloc[0]
+    theirs = active.loc[active["subject_id"] == not_last["subject_id"], "record_id"].tolist()
+    assert len(theirs) >= 2
+    run = train_run(tmp_path / "run", without(people, theirs[:1]), cfg)
+    new = people.loc[people["record_id"] == theirs[0]]
+    with pytest.raises(DataError, match="would move that subject's trained rows to the last slice"):
+        add(run.root, new.assign(p=0.9))
+    receipt = add(run.root, new)
+    assert receipt["shards_retrained"] == {str(not_last["shard"]): int(not_last["slice"])}
+    assert_runs_identical(run, full)
