@@ -177,6 +177,8 @@ def test_verify_and_cli_after_an_addition(tmp_path, tabular, capsys):
     status = json.loads((cli.main(["status", "--run", str(run.root), "--json"]), capsys.readouterr().out)[1])
     assert status["records_active"] == len(tabular) - 1
     assert status["addition_requests"] == 1 and status["deletion_requests"] == 1
+    assert cli.main(["status", "--run", str(run.root)]) == 0
+    assert "deletion requests 1 (0 pending); addition requests 1 (0 pending)" in capsys.readouterr().out
 
 
 # ---- validation: every problem at once, nothing changed -----------------------------------------------------------

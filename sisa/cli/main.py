@@ -292,6 +292,11 @@ def _status(a: argparse.Namespace) -> int:
         f"shards {st['shards']} x slices {st['slices']} ({st['strategy']}); records active {st['records_active']}, "
         f"deleted {st['records_deleted']}; deletion requests {st['deletion_requests']} "
         f"({st['deletions_pending']} pending)"
+        + (
+            f"; addition requests {st['addition_requests']} ({st['additions_pending']} pending)"
+            if st["addition_requests"]
+            else ""
+        )
     )
     print(
         f"shard sizes {st['shard_records']} (imbalance {st['shard_imbalance']:.1%}); "
