@@ -341,3 +341,22 @@ def test_distribution_aware_subjects_keep_their_slice_or_are_refused(tmp_path):
     receipt = add(run.root, new)
     assert receipt["shards_retrained"] == {str(not_last["shard"]): int(not_last["slice"])}
     assert_runs_identical(run, full)
+
+
+def test_erasure_check_requires_the_tombstones_to_hold_keyed_hashes_only(trained):
+    from sisa.evidence.erasure import _check_tombstones
+
+    run, _, _ = trained
+    delete(run.root, [500])
+    index = run.index()
+    ok = _check_tombstones(index, run.secret())
+    assert ok.ok and ok.detail.startswith(
+        "2 tombstone(s) (1 record, 0 subject, 1 content), keyed hashes only"
+    )
+    index.tombstones.loc[len(index.tombstones)] = ["user500@example.com", "record", "del-x"]
+    index.tombstones.loc[len(index.tombstones)] = ["a" * 64, "row", "del-x"]
+    bad = _check_tombstones(index, run.secret())
+    assert not bad.ok
+    assert (
+        bad.detail == "1 tombstone(s) hold something other than a keyed hash; unknown tombstone kinds ['row']"
+    )
