@@ -17,7 +17,7 @@ from .store.files import sha256_bytes
 from .store.index import RecordIndex, keyed_id_hashes
 from .store.journal import Journal
 from .store.rundir import RunDir
-from .store.shardfile import ShardRows, slice_file, to_bytes
+from .store.shardfile import ShardRows, content_hashes, slice_file, to_bytes
 
 # slice files already read and verified in this process: (shard, slice) -> (rows, sha256 of the file's bytes)
 Loaded = dict[tuple[int, int], tuple[ShardRows, str]]
@@ -41,12 +41,17 @@ def apply_entry(
         positions = _positions_by_hash(index, secret, entry["id_hashes"], shards)
     slices = affected_slices(entry, run.config().sharding.slices)
     files: dict[str, bytes] = {}
-    if positions is not None and len(positions):
+    removed = positions is not None and len(positions) > 0
+    if removed:
         index.remove(positions, secret, entry["request_id"], subject_hashes=entry.get("subject_hashes", []))
-        files.update(index.to_bytes(index.changed))
     loaded = dict(loaded or {})
+    purged, contents = {}, []
     for s in shards:
-        files.update(_purged_slices(run, index, s, slices[s], loaded))
+        purged.update(_purged_slices(run, index, s, slices[s], loaded, contents, secret))
+    index.tombstone(contents, "content", entry["request_id"])  # the suppression list (docs/design.md §4.1)
+    if removed or contents:
+        files.update(index.to_bytes(index.changed))
+    files.update(purged)
     if files:  # write-ahead: the checksums go into the journal before the files change
         entry = journal.stage(entry, {rel: sha256_bytes(data) for rel, data in files.items()})
         run.write_files(files)  # tombstones before the index files (see RecordIndex.to_bytes)
@@ -92,17 +97,25 @@ def affected_slices(entry: dict, slices: int) -> dict[int, set[int]]:
 
 
 def _purged_slices(
-    run: RunDir, index: RecordIndex, shard: int, slices: set[int], loaded: Loaded
+    run: RunDir,
+    index: RecordIndex,
+    shard: int,
+    slices: set[int],
+    loaded: Loaded,
+    contents: list[str],
+    secret: bytes,
 ) -> dict[str, bytes]:
     """The shard's affected slice files without rows that are no longer in the index (the real erasure); only
     those that change. Each is read verified (the manifest's version, or the one this request staged) unless the
-    caller already did; ``loaded`` is updated with the purged rows."""
+    caller already did; ``loaded`` is updated with the purged rows, ``contents`` extended with the keyed content
+    hashes of the rows purged."""
     live = index.active.loc[index.active["shard"] == shard]
     out = {}
     for k in sorted(slices):
         rows = loaded[(shard, k)][0] if (shard, k) in loaded else run.shard_rows(shard, [k])
         keep = rows.ids.isin(live.loc[live["slice"] == k, "record_id"]).to_numpy()
         if not keep.all():
+            contents += content_hashes(rows.take(~keep), secret)
             data = to_bytes(rows.take(keep))
             out[slice_file(shard, k)] = data
             loaded[(shard, k)] = (rows.take(keep), sha256_bytes(data))

@@ -18,9 +18,10 @@ from .config import Config
 from .evaluation import current_metrics, score_table
 from .exceptions import RunStateError
 from .fitting import train
+from .intake import add
 from .session import reader_session
 from .sharding import imbalance
-from .store.journal import Journal
+from .store.journal import Journal, kind_of
 from .store.rundir import RunDir
 from .tables.table import Table, features_for_prediction
 from .unlearning import delete
@@ -121,6 +122,12 @@ class SisaClassifier:
         self._ensemble = None
         return receipt
 
+    def add(self, rows: pd.DataFrame, *, allow_returning: bool = False, wait_s: float = 0.0) -> dict:
+        """Add new rows (the training table's columns) exactly: only the shards that receive rows retrain."""
+        receipt = add(self._run().root, rows, allow_returning=allow_returning, wait_s=wait_s)
+        self._ensemble = None
+        return receipt
+
     def status(self) -> dict:
         return run_status(self._run().root)
 
@@ -160,8 +167,10 @@ def run_status(root: str | Path, accuracy: bool = True) -> dict:
         "records_active": int(len(index.active)),
         "records_deleted": int((index.tombstones["kind"] == "record").sum()) if len(index.tombstones) else 0,
         "subjects_active": int(index.active["subject_id"].nunique()) if index.has_subjects else None,
-        "deletion_requests": len(entries),
-        "deletions_pending": sum(e["status"] == "pending" for e in entries),
+        "deletion_requests": sum(kind_of(e) == "delete" for e in entries),
+        "addition_requests": sum(kind_of(e) == "add" for e in entries),
+        "deletions_pending": sum(e["status"] == "pending" and kind_of(e) == "delete" for e in entries),
+        "additions_pending": sum(e["status"] == "pending" and kind_of(e) == "add" for e in entries),
         "shard_records": [int(v) for v in sizes],
         "shard_imbalance": round(imbalance(sizes), 4),
         "slice_records": counts.tolist(),

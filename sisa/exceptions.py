@@ -128,3 +128,20 @@ class AuthError(SisaError, PermissionError):
 
 class ClusterError(SisaError, RuntimeError):
     """A Dask cluster cannot train this run: workers cannot import sisa, or they do not share the run folder."""
+
+
+class ReturningRecordError(SisaError, ValueError):
+    """Rows of an addition carry a record ID, subject ID or content that a deletion forgot (matched by keyed hash in
+    the tombstones). Names rows by their position in the batch only, never by ID. Nothing was changed."""
+
+    exit_code = 2
+
+    def __init__(self, rows: Mapping[int, list[str]]):
+        self.rows = {int(i): list(w) for i, w in rows.items()}
+        parts = [f"{i} ({', '.join(w)})" for i, w in list(self.rows.items())[:20]]
+        more = f" and {len(self.rows) - 20} more" if len(self.rows) > 20 else ""
+        super().__init__(
+            f"rows {', '.join(parts)}{more} of the batch match records deleted from this run "
+            "(by keyed hash; nothing was changed): re-adding them would resurrect a forgotten person; "
+            "if they came back and consented again, add them with allow_returning=True (CLI: --allow-returning)"
+        )

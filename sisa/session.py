@@ -1,7 +1,7 @@
 """Opening a run: the one rule every entry point follows (docs/design.md, "Durability").
 
-An acknowledged deletion can never be lost, so before a command reads or changes a run, deletions a crash left
-pending are replayed (:func:`recover`). Writers go through :func:`writer_session` (the run's writer lock, replay,
+An acknowledged deletion or addition can never be lost, so before a command reads or changes a run, requests a crash
+left pending are replayed (:func:`recover`). Writers go through :func:`writer_session` (the run's writer lock, replay,
 the manifest checked under the lock); readers through :func:`reader_session` (replay when the lock is free: a
 writer holding it replays pending requests itself before doing anything else).
 """
@@ -12,10 +12,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from .addition import apply_addition, incoming_leftovers, remove_empty_incoming
 from .deletion import apply_entry
 from .exceptions import RunLockedError
 from .store.files import remove_tree, temp_leftovers, writer_lock
-from .store.journal import Journal
+from .store.journal import Journal, kind_of
 from .store.rundir import RunDir
 
 
@@ -63,7 +64,7 @@ def recover(run: RunDir, locked: bool = False) -> list[dict]:
     Without ``locked`` it takes the writer lock only if it is free: a writer holding it replays pending requests
     itself before doing anything else."""
     journal = Journal(run.journal_dir)
-    if not journal.pending() and not temp_leftovers(run.root):
+    if not journal.pending() and not temp_leftovers(run.root) and not (run.root / "incoming").exists():
         return []
     if locked:
         return replay(run, journal)
@@ -76,7 +77,11 @@ def recover(run: RunDir, locked: bool = False) -> list[dict]:
 
 def replay(run: RunDir, journal: Journal) -> list[dict]:
     """Apply every pending entry, then remove leftovers of interrupted writes. Caller holds the writer lock."""
-    receipts = [apply_entry(run, e) for e in journal.pending()]
+    # in arrival order, deletions and additions alike (docs/design.md §4.1)
+    receipts = [(apply_addition if kind_of(e) == "add" else apply_entry)(run, e) for e in journal.pending()]
     for leftover in temp_leftovers(run.root):  # a crash before the journal write leaves only these
         remove_tree(leftover)
+    for staged in incoming_leftovers(run, journal):  # an addition staged but never acknowledged
+        remove_tree(staged)
+    remove_empty_incoming(run)
     return receipts

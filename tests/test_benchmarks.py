@@ -130,3 +130,19 @@ def test_feature_matrix_built_column_by_column_equals_the_frame_conversion():
     with pytest.raises(DataError) as err:
         validate_table(df, cfg, "mixed")
     assert "columns ['f64', 'f32']: NaN or infinite feature values at rows 1, 2" in str(err.value)
+
+
+@pytest.mark.slow
+def test_quick_addition_benchmark_writes_its_keys(tmp_path):
+    out = tmp_path / "additions.json"
+    cmd = [sys.executable, "scripts/bench_additions.py", "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["additions"]) == {"1", "8", "100"}
+    for K, res in result["additions"].items():
+        assert res["samples_retrained_mean"] > 0 and res["samples_expected"] > 0, K
+        assert 0.5 < res["samples_ratio"] < 1.5, (K, res)  # the cost follows the deletion formula
+        assert res["speedup_measured"] > 0
+    assert result["additions"]["1"]["shards_retrained_mean"] == 1.0  # one record: one shard retrains
+    assert "additions vs full retrain" in proc.stdout

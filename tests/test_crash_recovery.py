@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from sisa.cli import main as cli
+from sisa.intake import add
 from sisa.store.files import CRASH_AT_ENV, CRASH_LOG_ENV, reset_crash_counter, temp_leftovers
 from sisa.store.journal import Journal
 from sisa.store.rundir import RunDir
@@ -108,7 +109,7 @@ def crash_env(at: str, log: Path | None = None) -> dict:
     return env
 
 
-def run_trials(setup: Setup, ns: list[int], tag: str) -> dict[int, Path]:
+def run_trials(setup: Setup, ns: list[int], tag: str, argv: list[str] | None = None) -> dict[int, Path]:
     """Copy the base run and kill a CLI deletion at each N (PARALLEL at a time); return the trial run folders."""
     trials = {n: setup.root / f"{tag}-{n:03d}" for n in ns}
     queue, running = list(ns), []
@@ -118,7 +119,8 @@ def run_trials(setup: Setup, ns: list[int], tag: str) -> dict[int, Path]:
             shutil.rmtree(trials[n], ignore_errors=True)
             shutil.copytree(setup.base.root, trials[n])
             log = trials[n].with_suffix(".log")
-            cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(trials[n]), *DELETE_IDS]
+            args = argv or ["delete", "--run", "{run}", *DELETE_IDS]
+            cmd = [sys.executable, "-m", "sisa.cli", *(a.replace("{run}", str(trials[n])) for a in args)]
             proc = subprocess.Popen(
                 cmd, cwd=REPO, env=crash_env(str(n), log), stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
@@ -134,7 +136,7 @@ def run_trials(setup: Setup, ns: list[int], tag: str) -> dict[int, Path]:
 def _kind(point: str) -> str:
     """A point name without run-specific parts (trial folder, request id, pid)."""
     kind, _, path = point.partition(":")
-    name = re.sub(r"del-\d{8}T\d{6}-[0-9a-f]{8}", "del-*", Path(path).name)
+    name = re.sub(r"(del|add)-\d{8}T\d{6}-[0-9a-f]{8}", r"\1-*", Path(path).name)
     return f"{kind}:{name}"
 
 
@@ -245,3 +247,97 @@ def test_power_loss_before_the_barrier_never_trusts_an_unsynced_checkpoint(setup
     victim.write_bytes(b"\0" * size if damage == "zeroed" else victim.read_bytes()[: size // 2])
     recover_with_status(run)
     assert_like_reference(run, setup.reference)
+
+
+# ---- additions (issue 15): kill -9 at every moment of `sisa add` ------------------------------------------------
+ADD_IDS = [3, 17]  # the same places as DELETE_IDS: shard 0 from slice 0, shard 1 from slice 2
+
+ADD_PHASES = [  # the default suite kills at one moment of each phase; the slow test at every point
+    (r"torn:incoming/add-", [0]),  # staging the placed rows (before the acknowledgement: nothing happened)
+    (r"replaced:journal/add-", [0]),  # the acknowledgement
+    (r"replaced:journal/", [1]),  # checksums staged
+    (r"replaced:index/shard-000\.arrow$", [0]),  # merging into the index and slice files
+    (r"torn:data/shard-001/slice-002\.arrow$", [0]),
+    (r"replaced:checkpoints/", [1]),
+    (r"replaced:manifest\.json$", [0]),
+    (r"rmdir:incoming/add-", [0]),  # removing the staged rows
+    (r"replaced:journal/", [-1]),  # marking the request applied
+]
+
+
+@dataclass
+class AddSetup(Setup):
+    data: Path = Path()
+
+    @property
+    def argv(self) -> list[str]:
+        return ["add", "--run", "{run}", "--data", str(self.data)]
+
+
+@pytest.fixture(scope="module")
+def add_setup(tmp_path_factory) -> AddSetup:
+    root = tmp_path_factory.mktemp("crash-add")
+    df = make_tabular(200, seed=1, n_features=6, n_classes=3, string_labels=True)
+    new = df.loc[df["record_id"].isin(ADD_IDS)]
+    data = root / "new.parquet"
+    new.to_parquet(data)
+    base = train_run(root / "base", df.loc[~df["record_id"].isin(ADD_IDS)], CONFIG)
+    shutil.copytree(base.root, root / "reference")
+    log = root / "points.log"
+    os.environ[CRASH_LOG_ENV] = str(log)
+    reset_crash_counter()
+    try:
+        add(root / "reference", data)
+    finally:
+        del os.environ[CRASH_LOG_ENV]
+        reset_crash_counter()
+    points = [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
+    return AddSetup(root, base, RunDir(root / "reference"), points, data)
+
+
+def assert_added_like_reference(run: Path, ref: RunDir) -> None:
+    got = RunDir(run)
+    assert_runs_identical(got, ref)
+    assert got.manifest() == ref.manifest()
+    (entry,) = Journal(run / "journal").entries()
+    (ref_entry,) = Journal(ref.journal_dir).entries()
+    assert entry["status"] == "applied" and entry["id_hashes"] == ref_entry["id_hashes"]
+    assert entry["receipt"]["fingerprints_after"] == ref_entry["receipt"]["fingerprints_after"]
+    assert temp_leftovers(run) == [] and not (run / "incoming").exists()
+    on_disk = {p.relative_to(run / "checkpoints").as_posix() for p in (run / "checkpoints").glob("*/*")}
+    assert on_disk == {
+        f"shard-{e['shard']:03d}/{n}" for e in got.manifest()["shards"] for n in e["checkpoints"]
+    }
+    assert set(ADD_IDS) <= set(got.index().active["record_id"])
+
+
+def check_add_trials(setup: AddSetup, trials: dict[int, Path]) -> None:
+    for n, run in trials.items():
+        recover_with_status(run)
+        if n < setup.acknowledged_from:
+            assert_unchanged(run, setup.base)
+        else:
+            assert_added_like_reference(run, setup.reference)
+
+
+def test_an_addition_stages_its_rows_before_the_acknowledgement(add_setup):
+    points = add_setup.points
+    assert points[0].startswith("write:incoming/add-")  # the rows first, in the run directory
+    assert points[add_setup.acknowledged_from - 1].startswith("replaced:journal/add-")
+    assert all(p.startswith(("write:incoming/", "torn:incoming/", "replace", "write:journal/", "torn:journal/"))
+               for p in points[: add_setup.acknowledged_from])  # fmt: skip
+
+
+def test_kill_an_addition_at_spread_points_then_recover_equals_uninterrupted(add_setup):
+    chosen: set[int] = set()
+    for pattern, which in ADD_PHASES:
+        hits = [i for i, p in enumerate(add_setup.points, 1) if re.match(pattern, p)]
+        assert hits, f"no crash point matches {pattern}"
+        chosen |= set(hits) if which is None else {hits[k] for k in which}
+    check_add_trials(add_setup, run_trials(add_setup, sorted(chosen), "add-spread", add_setup.argv))
+
+
+@pytest.mark.slow
+def test_kill_an_addition_at_every_point_then_recover_equals_uninterrupted(add_setup):
+    ns = list(range(1, len(add_setup.points) + 1))
+    check_add_trials(add_setup, run_trials(add_setup, ns, "add-all", add_setup.argv))

@@ -202,13 +202,13 @@ def test_history_shows_a_request_pending_while_another_writer_holds_the_lock(int
         (row,) = deletion_log(run.root)
     assert row["status"] == "pending" and row["applied_utc"] is None and row["seconds"] is None
     assert "pending" in format_log([row], "table")
-    assert format_log([row], "csv").splitlines()[1].split(",")[2] == ""  # no applied time yet
+    assert format_log([row], "csv").splitlines()[1].split(",")[3] == ""  # no applied time yet
 
 
 def test_history_rejects_an_unknown_format():
     with pytest.raises(UsageError, match=r"^fmt: expected one of table, csv, json, got 'xml'$"):
         format_log([], "xml")
-    assert format_log([], "table") == "no deletion requests\n"
+    assert format_log([], "table") == "no deletion or addition requests\n"
 
 
 def test_a_crash_leaving_a_pending_request_keeps_its_shards_out_of_serving(int_runs, tmp_path):

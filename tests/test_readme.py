@@ -64,3 +64,29 @@ def test_your_own_data_runs_as_written(tmp_path, monkeypatch, capsys):
     preds = pd.read_csv("churn-preds.csv")
     assert len(preds) == 400 and list(preds.columns[:2]) == ["row", "prediction"]
     assert "Town-" not in Path("customers.schema.yaml").read_text()  # rare values are never written
+
+
+def test_adding_records_runs_as_written(tmp_path, monkeypatch, capsys):
+    """README "Adding records": every command, as written; the one marked "refused" must fail and change nothing."""
+    (lang1, sample), (lang2, config), (lang3, steps) = section_blocks("Adding records")
+    assert (lang1, lang2, lang3) == ("bash", "yaml", "bash")
+    monkeypatch.chdir(tmp_path)
+    (python_c,) = commands(sample)
+    exec(python_c[2], {})
+    Path("grow.yaml").write_text(config)
+    lines = [ln for ln in steps.splitlines() if ln.strip()]
+    assert len(lines) == 7
+    for line in lines:
+        (argv,) = commands(line)
+        code = main(argv[1:])
+        out, err = capsys.readouterr()
+        if "# refused" in line:
+            assert code == 2 and err.startswith("sisa: error: rows 0 (record ID, content) of the batch"), err
+            assert "595" not in err
+        else:
+            assert code == 0, (argv, err)
+        if argv[1] == "history":
+            kinds = [row.split()[1] for row in out.splitlines()[1:]]
+            assert kinds == ["add", "delete", "add"]
+        if argv[1] == "verify":
+            assert out.splitlines()[-1].startswith("verified 3 shard(s)")

@@ -16,6 +16,8 @@ from ..config import RUNTIME_KEYS, Config
 from ..exceptions import SisaError, UsageError
 from .audit import HANDLERS as AUDIT_HANDLERS
 from .audit import add_parsers as add_audit_parsers
+from .intake import HANDLERS as INTAKE_HANDLERS
+from .intake import add_parsers as add_intake_parsers
 from .tables import HANDLERS as TABLE_HANDLERS
 from .tables import add_parsers as add_table_parsers
 
@@ -36,9 +38,14 @@ FLAGS = {
     "methods": "--methods",
     "specs": "--forget",
     "min_count": "--min-count",
+    "allow_returning": "--allow-returning",
 }
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {**AUDIT_HANDLERS, **TABLE_HANDLERS}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    **AUDIT_HANDLERS,
+    **TABLE_HANDLERS,
+    **INTAKE_HANDLERS,
+}
 RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
 
 
@@ -135,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
     v.add_argument("--json", action="store_true")
 
-    hi = sub.add_parser("history", help="the deletion log (request, time, records, retrained shards, status)")
+    hi = sub.add_parser(
+        "history", help="the request log: deletions and additions (time, records, retrained shards, status)"
+    )
     hi.add_argument("--run", required=True)
     hi.add_argument("--format", choices=["table", "csv", "json"], default="table")
     hi.add_argument("--out", help="write to this file instead of stdout")
@@ -158,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _runtime_option(sv)
     add_audit_parsers(sub)  # audit, compare, report
+    add_intake_parsers(sub)  # add
     return p
 
 
@@ -287,6 +297,11 @@ def _status(a: argparse.Namespace) -> int:
         f"shards {st['shards']} x slices {st['slices']} ({st['strategy']}); records active {st['records_active']}, "
         f"deleted {st['records_deleted']}; deletion requests {st['deletion_requests']} "
         f"({st['deletions_pending']} pending)"
+        + (
+            f"; addition requests {st['addition_requests']} ({st['additions_pending']} pending)"
+            if st["addition_requests"]
+            else ""
+        )
     )
     print(
         f"shard sizes {st['shard_records']} (imbalance {st['shard_imbalance']:.1%}); "

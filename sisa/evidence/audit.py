@@ -37,7 +37,7 @@ from ..fitting import train
 from ..session import reader_session
 from ..sharding import keyed_hash64
 from ..store.index import RecordIndex, coerce_ids, keyed_id_hashes
-from ..store.journal import Journal
+from ..store.journal import Journal, kind_of
 from ..store.rundir import RunDir
 from ..store.shardfile import concat
 from ..tables.table import Table, read_table, validate_table
@@ -142,7 +142,7 @@ def former_shards(run: RunDir, cfg: Config, table: Table) -> np.ndarray:
         )
     where: dict[str, int] = {}
     for e in Journal(run.journal_dir).entries():
-        if len(e["shards"]) == 1:
+        if len(e["shards"]) == 1 and kind_of(e) == "delete":
             where.update(dict.fromkeys(e["id_hashes"], int(next(iter(e["shards"])))))
     hashes = keyed_id_hashes(list(table.ids), run.secret(), "record")
     return np.array([where.get(h, -1) for h in hashes], dtype=np.int64)

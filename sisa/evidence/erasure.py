@@ -26,8 +26,8 @@ from ..exceptions import DataError, UsageError
 from ..session import writer_session
 from ..store.checkpoints import checkpoint_name, is_complete, read_meta
 from ..store.files import read_parquet, temp_leftovers
-from ..store.index import keyed_id_hashes
-from ..store.journal import Journal
+from ..store.index import TOMBSTONE_COLUMNS, keyed_id_hashes
+from ..store.journal import Journal, kind_of
 from ..store.rundir import RunDir
 from ..store.shardfile import RECORD_ID, ShardRows, fingerprints, shard_dir, slice_file
 from ..tables.encoder import Encoder
@@ -104,14 +104,19 @@ def check_erasure(
 def _check_journal(run: RunDir, index) -> Check:
     entries = Journal(run.journal_dir).entries()
     pending = [e["request_id"] for e in entries if e["status"] != "applied"]
-    tomb = set(index.tombstones["id_hash"])
+    # a record or subject readmitted later (an addition with allow_returning) is active again, untombstoned
+    tomb = set(index.tombstones["id_hash"]) | {h for e in entries for h in e.get("readmitted", [])}
     missing = [
-        e["request_id"] for e in entries if e["status"] == "applied" and not set(e["id_hashes"]) <= tomb
+        e["request_id"]
+        for e in entries
+        if e["status"] == "applied" and kind_of(e) == "delete" and not set(e["id_hashes"]) <= tomb
     ]
     plain = [
         e["request_id"]
         for e in entries
-        if not all(_is_hash(h) for h in e["id_hashes"] + e.get("subject_hashes", []))
+        if not all(
+            _is_hash(h) for h in e["id_hashes"] + e.get("subject_hashes", []) + e.get("readmitted", [])
+        )
     ]
     problems = [
         f"{what}: {ids}"
@@ -119,6 +124,12 @@ def _check_journal(run: RunDir, index) -> Check:
         if ids
     ]
     ok_text = f"{len(entries)} request(s), all applied, keyed hashes only, every deleted ID tombstoned"
+    staged = [
+        e["request_id"]
+        for e in entries
+        if e["status"] == "applied" and "incoming" in e and (run.root / e["incoming"]["file"]).exists()
+    ]
+    problems += [f"staged rows of applied additions still on disk: {staged}"] if staged else []
     return _check("journal", problems, ok_text)
 
 
@@ -139,8 +150,20 @@ def _check_tombstones(index, secret: bytes) -> Check:
             live = index.active[col].dropna().unique().tolist()
             clash += len(hashes & set(keyed_id_hashes(live, secret, kind)))
     problems = [f"{clash} tombstoned ID(s) are still active in the index"] if clash else []
+    # the suppression list holds keyed hashes and nothing else (docs/durability.md, "The suppression list")
+    if list(tomb.columns) != TOMBSTONE_COLUMNS:
+        problems.append(f"columns {list(tomb.columns)}, expected {TOMBSTONE_COLUMNS}")
+    else:
+        plain = int((~tomb["id_hash"].map(_is_hash)).sum()) if len(tomb) else 0
+        odd = sorted(set(tomb["kind"]) - {"record", "subject", "content"}) if len(tomb) else []
+        problems += [f"{plain} tombstone(s) hold something other than a keyed hash"] if plain else []
+        problems += [f"unknown tombstone kinds {odd}"] if odd else []
+    kinds = tomb["kind"].value_counts().to_dict() if len(tomb) and "kind" in tomb else {}
+    counts = ", ".join(f"{kinds.get(k, 0)} {k}" for k in ("record", "subject", "content"))
     return _check(
-        "tombstones", problems, f"{len(tomb)} tombstone(s); none matches an active record or subject"
+        "tombstones",
+        problems,
+        f"{len(tomb)} tombstone(s) ({counts}), keyed hashes only; none matches an active record or subject",
     )
 
 

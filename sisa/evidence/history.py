@@ -1,4 +1,4 @@
-"""The deletion log: one row per deletion request, from the journal, for a compliance report.
+"""The request log: one row per deletion or addition request (``kind``), from the journal, in arrival order.
 
 Each row says when a request was made and applied (UTC, ISO 8601), how many records and data subjects it
 forgot, which shards and slices were retrained at what cost, and its status (``pending`` until it is applied;
@@ -16,10 +16,11 @@ from pathlib import Path
 
 from ..exceptions import UsageError
 from ..session import reader_session
-from ..store.journal import Journal
+from ..store.journal import Journal, kind_of
 
 COLUMNS = [
     "request_id",
+    "kind",
     "requested_utc",
     "applied_utc",
     "status",
@@ -30,6 +31,7 @@ COLUMNS = [
     "samples_retrained",
     "seconds",
     "generation",
+    "returning_allowed",
 ]
 FORMATS = ("table", "csv", "json")
 
@@ -45,6 +47,7 @@ def _row(entry: dict) -> dict:
     slices = receipt.get("slices_retrained", {})
     return {
         "request_id": entry["request_id"],
+        "kind": kind_of(entry),
         "requested_utc": _utc(entry["created"]),
         "applied_utc": _utc(entry["applied"]) if "applied" in entry else None,
         "status": entry["status"],
@@ -55,6 +58,7 @@ def _row(entry: dict) -> dict:
         "samples_retrained": receipt.get("samples_retrained"),
         "seconds": receipt.get("seconds"),
         "generation": receipt.get("generation"),
+        "returning_allowed": bool(entry.get("allow_returning", False)) if kind_of(entry) == "add" else None,
     }
 
 
@@ -76,7 +80,7 @@ def format_log(rows: list[dict], fmt: str = "table") -> str:
         writer.writerows(cells)
         return buf.getvalue()
     if not rows:
-        return "no deletion requests\n"
+        return "no deletion or addition requests\n"
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     lines = [COLUMNS, *cells]
     return "".join(

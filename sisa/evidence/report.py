@@ -20,7 +20,7 @@ import numpy as np
 from ..estimator import run_status
 from ..exceptions import SisaError
 from ..store.files import atomic_write_bytes
-from ..store.journal import Journal
+from ..store.journal import Journal, kind_of
 from ..store.rundir import RunDir
 from .audit import Audit, check_outside_run, run_audit
 
@@ -229,7 +229,9 @@ def build_report(
     audit = run_audit(root, holdout, deleted, reference=reference)
     status = run_status(root)
     history = deletion_history(
-        Journal(run.journal_dir).entries(), run.config().training.epochs, status["records_active"]
+        [e for e in Journal(run.journal_dir).entries() if kind_of(e) == "delete"],
+        run.config().training.epochs,
+        status["records_active"],
     )
     images = {
         "shards": plot_shard_accuracy(

@@ -23,10 +23,20 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..exceptions import ConfigError, DataError, RunLockedError, UnknownRecordError, UsageError
+from ..exceptions import (
+    ConfigError,
+    DataError,
+    ReturningRecordError,
+    RunLockedError,
+    UnknownRecordError,
+    UsageError,
+)
+from ..store.journal import new_request_id
 from .schema import (
+    AdditionRequest,
     ApiError,
     ServerSettings,
+    addition_rows,
     deletion_ids,
     instances_matrix,
     raw_instances_matrix,
@@ -102,6 +112,36 @@ def create_app(server: Server | str | Path, settings: ServerSettings | None = No
     @app.get("/deletions/{request_id}", dependencies=[Depends(auth)], responses=_doc(401, 403, 404))
     def deletion(request_id: str) -> JSONResponse:
         return JSONResponse(server.deletion(request_id))
+
+    @app.post(
+        "/records",
+        status_code=202,
+        dependencies=[Depends(auth)],
+        responses=_doc(401, 403, 409, 422, 503),
+        summary="add rows; the touched shards keep serving the current generation until the retrained one swaps in",
+    )
+    async def records(body: AdditionRequest) -> JSONResponse:
+        rows = addition_rows(body.records, state.settings.max_batch)
+        job = DeletionJob(
+            [], [], request_id=new_request_id("add"), rows=rows, allow_returning=body.allow_returning
+        )
+        await _decision(server, job)
+        if job.entry is None:
+            raise _refusal(job.error)
+        return JSONResponse(
+            {
+                "request_id": job.entry["request_id"],
+                "status": "pending",
+                "shards": sorted(int(s) for s in job.entry["shards"]),
+                "records": job.entry["records"],
+                "allow_returning": job.entry["allow_returning"],
+            },
+            202,
+        )
+
+    @app.get("/records/{request_id}", dependencies=[Depends(auth)], responses=_doc(401, 403, 404))
+    def addition(request_id: str) -> JSONResponse:
+        return JSONResponse(server.deletion(request_id, kind="add"))
 
     @app.get("/status", summary="generation, shards serving / retraining, record counts")
     def status() -> JSONResponse:
@@ -230,18 +270,7 @@ class BodyLimit:
 async def submit_deletion(server: Server, record_ids: list, subject_ids: list) -> tuple[int, dict]:
     """Queue a deletion and wait (without blocking the event loop) for its decision; (status, body)."""
     job = DeletionJob(record_ids, subject_ids)
-    server.worker.submit(job)
-    deadline = time.monotonic() + server.state.settings.ack_timeout_s
-    delay = 0.0005
-    while not job.decided.is_set():
-        if time.monotonic() > deadline and server.worker.cancel(job):
-            raise ApiError(
-                503,
-                "the deletion queue is busy; the request was withdrawn and nothing changed: retry later",
-                headers={"Retry-After": "5"},
-            )
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.02)
+    await _decision(server, job)
     if job.entry is not None:
         shards = sorted(int(s) for s in job.entry["shards"])
         return 202, {
@@ -261,14 +290,34 @@ async def submit_deletion(server: Server, record_ids: list, subject_ids: list) -
     raise _refusal(job.error)
 
 
+async def _decision(server: Server, job: DeletionJob) -> None:
+    """Queue a job on the one writer thread and wait (without blocking the event loop) until it is decided."""
+    server.worker.submit(job)
+    deadline = time.monotonic() + server.state.settings.ack_timeout_s
+    delay = 0.0005
+    while not job.decided.is_set():
+        if time.monotonic() > deadline and server.worker.cancel(job):
+            raise ApiError(
+                503,
+                "the deletion queue is busy; the request was withdrawn and nothing changed: retry later",
+                headers={"Retry-After": "5"},
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
 def _refusal(exc: Exception | None) -> ApiError:
     if isinstance(exc, UnknownRecordError):
         return ApiError(404, str(exc), unknown_ids=exc.ids, kind=exc.kind)
     if isinstance(exc, (ConfigError, UsageError)):  # UsageError names the body's fields (record_ids, ...)
         return ApiError(422, str(exc))
+    if isinstance(exc, DataError):  # an addition's rows do not fit the run (every problem listed)
+        return ApiError(422, str(exc), problems=exc.problems)
+    if isinstance(exc, ReturningRecordError):  # rows by position in the batch only, never an ID
+        return ApiError(409, str(exc), rows=sorted(exc.rows))
     if isinstance(exc, RunLockedError):
         return ApiError(409, f"{exc}; nothing changed: retry later", headers={"Retry-After": "5"})
-    return ApiError(500, f"deletion failed before it was journaled; nothing changed: {exc}")
+    return ApiError(500, f"the request failed before it was journaled; nothing changed: {exc}")
 
 
 # ---- process ----------------------------------------------------------------------------------------------

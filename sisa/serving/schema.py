@@ -304,3 +304,18 @@ def validation_problems(errors: list[dict]) -> list[str]:
         where = ".".join(loc) or "body"
         out.append(f"{where}: {e.get('msg', 'invalid')}")
     return out
+
+
+class AdditionRequest(BaseModel):
+    """New rows in the run's training schema (ID, label, features or raw schema columns, subject if any)."""
+
+    model_config = ConfigDict(extra="forbid")
+    records: list[dict[str, Any]] = Field(min_length=1)
+    allow_returning: bool = False
+
+
+def addition_rows(records: list[dict[str, Any]], max_rows: int) -> pd.DataFrame:
+    """The rows of POST /records as a table; ApiError(422) past the batch limit."""
+    if len(records) > max_rows:
+        raise ApiError(422, f"records: at most {max_rows} rows per request, got {len(records)}")
+    return pd.DataFrame.from_records(records)

@@ -25,8 +25,8 @@ class Server:
     def status(self) -> dict:
         return {**self.state.status(), "deletions_queued": self.worker.queued()}
 
-    def deletion(self, request_id: str) -> dict:
-        return self.state.deletion(request_id, self.worker.errors.get(request_id))
+    def deletion(self, request_id: str, kind: str = "delete") -> dict:
+        return self.state.deletion(request_id, self.worker.errors.get(request_id), kind)
 
     def close(self) -> None:
         self.worker.stop()

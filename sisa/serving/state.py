@@ -33,7 +33,7 @@ from ..aggregation import Ensemble
 from ..exceptions import SisaError
 from ..session import recover
 from ..store.checkpoints import load_checkpoint
-from ..store.journal import PENDING, Journal
+from ..store.journal import PENDING, Journal, kind_of
 from ..store.rundir import RunDir
 from ..tables.encoder import Encoder
 from ..tables.schema import schema_of
@@ -190,7 +190,9 @@ class ServingState:
         entries = self.journal.entries()
         applied = {e["request_id"] for e in entries if e["status"] != PENDING}
         self._acked = {r: s for r, s in self._acked.items() if r not in applied}
-        excluded = {int(s) for e in entries if e["status"] == PENDING for s in e["shards"]}
+        excluded = {  # strict mode: a pending deletion's shards; a pending addition's shards never saw its rows
+            int(s) for e in entries if e["status"] == PENDING and kind_of(e) == "delete" for s in e["shards"]
+        }
         excluded |= {s for shards in self._acked.values() for s in shards}
         models, failed = {}, False
         for entry in manifest["shards"]:
@@ -230,6 +232,8 @@ class ServingState:
     def status(self) -> dict:
         snap = self.snapshot()
         entries = self.journal.entries()
+        additions = [e for e in entries if kind_of(e) == "add"]
+        entries = [e for e in entries if kind_of(e) == "delete"]
         shards = snap.manifest["shards"]
         return {
             "run": str(self.run.root),
@@ -243,6 +247,8 @@ class ServingState:
             "records_deleted": sum(e["records"] for e in entries if e["status"] != PENDING),
             "deletion_requests": len(entries),
             "deletions_pending": sum(e["status"] == PENDING for e in entries),
+            "addition_requests": len(additions),
+            "additions_pending": sum(e["status"] == PENDING for e in additions),
             "deletions_enabled": self.settings.token is not None,
             "model": self.config.model.name,
             "aggregation": self.config.aggregation.method,
@@ -251,11 +257,13 @@ class ServingState:
             "max_batch": self.settings.max_batch,
         }
 
-    def deletion(self, request_id: str, error: str | None = None) -> dict:
-        """A request's status; ``error``: why its retrain failed so far (pending requests only)."""
+    def deletion(self, request_id: str, error: str | None = None, kind: str = "delete") -> dict:
+        """A request's status; ``error``: why its retrain failed so far (pending requests only). ``kind``:
+        ``delete`` (GET /deletions/...) or ``add`` (GET /records/...)."""
         entry = self.journal.get(request_id) if REQUEST_ID.match(request_id) else None
-        if entry is None:
-            raise ApiError(404, f"unknown deletion request {request_id!r}")
+        if entry is None or kind_of(entry) != kind:
+            what = "deletion" if kind == "delete" else "addition"
+            raise ApiError(404, f"unknown {what} request {request_id!r}")
         out = {
             "request_id": entry["request_id"],
             "status": entry["status"],

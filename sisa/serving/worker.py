@@ -1,7 +1,8 @@
-"""The server's deletion worker: ONE thread that applies accepted deletions in arrival order.
+"""The server's deletion worker: ONE thread that applies accepted deletions and additions in arrival order.
 
-Each :class:`DeletionJob` is one ``POST /deletions``: validated and journaled when its turn comes (through
-:func:`sisa.unlearning.delete`, whose ``on_ack`` hook excludes the affected shards from serving before the 202 goes
+Each :class:`DeletionJob` is one ``POST /deletions`` (or, with ``rows``, one ``POST /records``: an addition, journaled
+by :func:`sisa.intake.add`; its shards keep serving, since the live models never saw the new rows). A deletion is
+validated and journaled when its turn comes (through :func:`sisa.unlearning.delete`, whose ``on_ack`` hook excludes the affected shards from serving before the 202 goes
 out), then retrained. A retrain that fails after the acknowledgement is replayed with backoff.
 """
 
@@ -13,8 +14,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from ..intake import add
 from ..session import recover
 from ..store.journal import Journal, new_request_id
 from ..store.rundir import RunDir
@@ -37,6 +39,8 @@ class DeletionJob:
     entry: dict | None = None  # the journal entry, once acknowledged
     result: dict | None = None  # the receipt when nothing was journaled (already deleted)
     error: Exception | None = None  # raised before the journal entry: nothing changed
+    rows: Any = None  # an addition: the new rows (a DataFrame in the run's training schema)
+    allow_returning: bool = False
 
 
 class ShardGate(Protocol):
@@ -124,15 +128,31 @@ class DeletionWorker:
             self.gate.exclude(entry["request_id"], {int(s) for s in entry["shards"]})
             job.decided.set()  # only now may the 202 go out: accepted implies excluded
 
+        def on_add(entry: dict) -> None:
+            job.entry = entry  # no shard stops: the live generation never saw the new rows
+            job.decided.set()
+
         try:
-            receipt = delete(
-                self.run.root,
-                job.record_ids,
-                job.subject_ids,
-                wait_s=self.wait_s,
-                on_ack=on_ack,
-                request_id=job.request_id,
-                runtime=self.run.runtime,
+            receipt = (
+                add(
+                    self.run.root,
+                    job.rows,
+                    allow_returning=job.allow_returning,
+                    wait_s=self.wait_s,
+                    on_ack=on_add,
+                    request_id=job.request_id,
+                    runtime=self.run.runtime,
+                )
+                if job.rows is not None
+                else delete(
+                    self.run.root,
+                    job.record_ids,
+                    job.subject_ids,
+                    wait_s=self.wait_s,
+                    on_ack=on_ack,
+                    request_id=job.request_id,
+                    runtime=self.run.runtime,
+                )
             )
         except Exception as exc:
             if job.entry is None:

@@ -168,6 +168,31 @@ class RecordIndex:
         self.changed |= {int(s) for s in gone["shard"].unique()}
         self.active = self.active.loc[keep].reset_index(drop=True)
 
+    def tombstone(self, hashes: list[str], kind: str, request_id: str) -> None:
+        """Add keyed hashes of another kind (``content``: a deleted row's features and label) to the tombstones."""
+        if hashes:
+            rows = pd.DataFrame({"id_hash": list(hashes), "kind": kind, "request_id": request_id})
+            self.tombstones = pd.concat([self.tombstones, rows], ignore_index=True).drop_duplicates("id_hash")
+
+    def untombstone(self, hashes: list[str]) -> None:
+        """Drop tombstones (a returning person readmitted with ``allow_returning``: the ID is active again)."""
+        if hashes and len(self.tombstones):
+            keep = ~self.tombstones["id_hash"].isin(list(hashes))
+            self.tombstones = self.tombstones.loc[keep].reset_index(drop=True)
+
+    def tombstoned(self, hashes: list[str], kind: str) -> np.ndarray:
+        """Boolean mask: which of ``hashes`` the tombstones hold under ``kind``."""
+        known = (
+            self.tombstones.loc[self.tombstones["kind"] == kind, "id_hash"] if len(self.tombstones) else []
+        )
+        return pd.Index(list(hashes), dtype=object).isin(list(known)) if hashes else np.zeros(0, dtype=bool)
+
+    def insert(self, rows: pd.DataFrame) -> None:
+        """Append active records (ACTIVE_COLUMNS) that an addition placed; marks their shards changed."""
+        rows = rows[ACTIVE_COLUMNS].astype({"shard": np.int32, "slice": np.int32, "order": np.uint64})
+        self.changed |= {int(s) for s in rows["shard"].unique()}
+        self.active = pd.concat([self.active, rows], ignore_index=True)
+
     def shard_rows(self, shard: int) -> pd.DataFrame:
         """The shard's active rows in training order: by (slice, order key, record ID)."""
         rows = self.active.loc[self.active["shard"] == shard]

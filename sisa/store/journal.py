@@ -1,4 +1,4 @@
-"""The write-ahead deletion journal.
+"""The write-ahead journal of deletions and additions.
 
 A deletion request is written (status ``pending``) and fsynced before anything else changes: from then on it is
 acknowledged and can never be lost. It is replayed to completion by the next sisa command after a crash, then
@@ -18,8 +18,14 @@ from .files import atomic_write_json, read_json
 PENDING, APPLIED = "pending", "applied"
 
 
-def new_request_id() -> str:
-    return f"del-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+def new_request_id(prefix: str = "del") -> str:
+    """``del-...`` for a deletion, ``add-...`` for an addition (UTC time and 8 random hex digits)."""
+    return f"{prefix}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+
+
+def kind_of(entry: dict) -> str:
+    """``delete`` or ``add``; entries written before additions existed have no kind and are deletions."""
+    return entry.get("kind", "delete")
 
 
 class Journal:
@@ -38,11 +44,13 @@ class Journal:
         records: int,
         before: dict[int, str],
         extra: dict | None = None,
+        kind: str = "delete",
     ) -> dict:
         """Write the pending entry durably; returns it. This is the moment of acknowledgement."""
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = {
             "request_id": request_id,
+            "kind": kind,
             "status": PENDING,
             "created": time.time(),
             "id_hashes": sorted(id_hashes),
@@ -84,15 +92,17 @@ class Journal:
     def entries(self) -> list[dict]:
         if not self.folder.is_dir():
             return []
-        out = [_read_entry(p) for p in self.folder.glob("del-*.json")]
+        paths = [*self.folder.glob("del-*.json"), *self.folder.glob("add-*.json")]
+        out = [_read_entry(p) for p in paths]
         return sorted(out, key=lambda e: (e["created"], e["request_id"]))
 
     def pending(self) -> list[dict]:
         return [e for e in self.entries() if e["status"] == PENDING]
 
     def pending_shards(self) -> set[int]:
-        """Shards that must not serve: some acknowledged deletion touching them is not yet applied."""
-        return {int(s) for e in self.pending() for s in e["shards"]}
+        """Shards that must not serve: some acknowledged deletion touching them is not yet applied (a pending
+        addition does not count: the live models never saw its rows)."""
+        return {int(s) for e in self.pending() if kind_of(e) == "delete" for s in e["shards"]}
 
 
 # Parsed entries keyed by path and (inode, mtime, size): every write replaces the file (new inode), so a hit is

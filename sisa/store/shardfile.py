@@ -21,6 +21,7 @@ bytes only for the slices a change touched; ``verify`` and ``repair`` recompute 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,3 +219,40 @@ def row_keys(rows: ShardRows) -> list[bytes]:
         f.tobytes() + int(y).to_bytes(8, "little", signed=True)
         for f, y in zip(feats, rows.labels, strict=True)
     ]
+
+
+def content_hashes(rows: ShardRows, secret: bytes) -> list[str]:
+    """Keyed hash (HMAC-SHA256 hex under the run's secret) of each row's content: its exact float32 feature bytes
+    and label, never its ID or subject. The tombstones keep these for deleted rows (kind ``content``), so a later
+    re-import of a forgotten row under a new surrogate ID is recognised without storing the row (docs/design.md §4.1)."""
+    return [hmac.new(secret, b"content:" + key, hashlib.sha256).hexdigest() for key in row_keys(rows)]
+
+
+# ---- an addition's staged rows: incoming/<request id>.arrow (docs/design.md §4.1) ------------------------------
+SHARD, SUBJECT = "_shard", "_subject_id"
+
+
+def incoming_file(request_id: str) -> str:
+    """The file an acknowledged addition keeps its placed rows in until they are merged, relative to the run."""
+    return f"incoming/{request_id}.arrow"
+
+
+def incoming_bytes(rows: ShardRows, shards: np.ndarray, subjects: pd.Series | None) -> bytes:
+    """The slice-file format plus each row's shard and subject ID (null without subjects)."""
+    table = parse_ipc(to_bytes(rows), "incoming")
+    table = table.append_column(SHARD, pa.array(np.asarray(shards, dtype=np.int32), pa.int32()))
+    subj = subjects if subjects is not None else pd.Series([None] * len(rows), dtype="string")
+    sub_type = pa.int64() if pd.api.types.is_integer_dtype(subj) else pa.string()
+    table = table.append_column(SUBJECT, pa.array(subj.to_numpy(), type=sub_type, from_pandas=True))
+    return ipc_bytes(table)
+
+
+def incoming_from_bytes(data: bytes, path, n_features: int) -> tuple[ShardRows, np.ndarray, pd.Series]:
+    """Rows, shard per row and subject per row of a staged addition (bytes verified by the caller)."""
+    table = parse_ipc(data, path)
+    if table.column_names != [*COLUMNS, SHARD, SUBJECT]:
+        raise IntegrityError(path, f"unexpected columns {table.column_names}")
+    shards = table.column(SHARD).to_numpy().astype(np.int32, copy=False)
+    subjects = table.column(SUBJECT).to_pandas()
+    rows = from_bytes(ipc_bytes(table.drop_columns([SHARD, SUBJECT])), path, n_features)
+    return rows, shards, subjects
