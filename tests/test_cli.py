@@ -109,7 +109,7 @@ def test_delete_by_ids_and_file_with_json_receipt_and_status(project, capsys):
     assert code == 0, err
     receipt = json.loads(out)
     assert receipt["status"] == "applied" and receipt["records_deleted"] == 1
-    assert receipt["request_id"].startswith("del-") and receipt["generation"] == 2
+    assert receipt["request_id"].startswith("del-") and receipt["generation"] == 3
     assert len(receipt["shards_retrained"]) == 1
     (tmp / "ids.txt").write_text("user4@example.com\n\nuser5@example.com\n")
     code, out, err = run_cli(capsys, "delete", "--run", run, "--ids-file", tmp / "ids.txt")
@@ -121,7 +121,7 @@ def test_delete_by_ids_and_file_with_json_receipt_and_status(project, capsys):
     assert code == 0
     st = json.loads(out)
     assert (st["records_active"], st["records_deleted"], st["deletion_requests"]) == (147, 3, 2)
-    assert (st["shards"], st["slices"], st["generation"]) == (2, 2, 3)
+    assert (st["shards"], st["slices"], st["generation"]) == (2, 2, 5)
     assert sum(st["shard_records"]) == 147 and st["deletions_pending"] == 0
     assert 0.0 <= st["test_accuracy"] <= 1.0
     code, out, _ = run_cli(capsys, "status", "--run", run)

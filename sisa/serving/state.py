@@ -186,8 +186,10 @@ class ServingState:
         """Read manifest + journal and assemble a snapshot. Caller holds ``_lock`` (or is ``__init__``)."""
         now = time.time_ns()
         stamp = self._stamp()
-        manifest = self.run.require_manifest()
+        # the journal before the manifest: a request is marked rolled back only after its rolled-back manifest is
+        # in place, so a shard whose request reads as rolled back is never served from an older generation
         entries = self.journal.entries()
+        manifest = self.run.require_manifest()
         applied = {e["request_id"] for e in entries if e["status"] != PENDING}
         self._acked = {r: s for r, s in self._acked.items() if r not in applied}
         excluded = {int(s) for e in entries if e["status"] == PENDING for s in e["shards"]}
@@ -195,8 +197,8 @@ class ServingState:
         models, failed = {}, False
         for entry in manifest["shards"]:
             s = entry["shard"]
-            if s in excluded or entry["records"] == 0:
-                continue
+            if s in excluded or entry["records"] == 0 or not entry["checkpoints"]:
+                continue  # retraining, empty, or rolled back to before its first slice (out until caught up)
             try:
                 models[s] = self._model(entry)
             except (SisaError, OSError) as exc:  # e.g. a writer replaced the generation while we read it
@@ -214,7 +216,8 @@ class ServingState:
         )
 
     def _model(self, entry: dict) -> nn.Module:
-        """The shard's last-slice model, loaded (and verified) once per checkpoint."""
+        """The shard's last named checkpoint (its last slice; for a rolled-back shard the one before its earliest
+        affected slice), loaded (and verified) once per checkpoint."""
         s, name = entry["shard"], entry["checkpoints"][-1]
         cached = self._models.get(s)
         if cached is not None and cached[0] == name:
