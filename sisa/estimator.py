@@ -18,6 +18,7 @@ from .config import Config
 from .evaluation import score_table
 from .exceptions import RunStateError
 from .fitting import train
+from .retraining import rolled_back_shards, shard_states
 from .session import reader_session
 from .sharding import imbalance
 from .store.journal import Journal
@@ -162,10 +163,14 @@ def run_status(root: str | Path) -> dict:
         "shard_records": [int(v) for v in sizes],
         "shard_imbalance": round(imbalance(sizes), 4),
         "slice_records": counts.tolist(),
-        "shards_serving": [
-            e["shard"] for e in manifest["shards"] if e["shard"] not in pending and e["records"]
+        "shards_serving": [  # rolled back or not: every shard that answers
+            e["shard"]
+            for e in manifest["shards"]
+            if e["shard"] not in pending and e["records"] and e["checkpoints"]
         ],
         "shards_retraining": sorted(pending),
+        "shards_rolled_back": sorted(rolled_back_shards(manifest)),
+        "shard_states": shard_states(run, manifest, pending),
         "test_accuracy": metrics.get("test_accuracy"),
         "shard_accuracy": metrics.get("shard_accuracy"),
     }

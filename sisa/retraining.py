@@ -174,3 +174,37 @@ def settle(run: RunDir, retrain: dict | None = None) -> list[dict]:
         journal.complete(entry, receipt)
         receipts.append(receipt)
     return receipts
+
+
+def shard_states(run: RunDir, manifest: dict, pending: set[int], accuracy: bool = True) -> list[dict]:
+    """Per shard, what answers: ``latest`` (its last slice), ``rolled_back`` (checkpoint k-1: since when, test
+    accuracy before and now when the run has a test table, the retrain's deadline), ``out`` (rolled back before
+    its first slice), ``retraining`` (a request acknowledged, rollback not yet done) or ``empty``."""
+    rolled = rolled_back_shards(manifest)
+    limits = deadlines(run, manifest) if rolled else {}
+    now = evaluate(run, run.config(), manifest).get("shard_accuracy", {}) if rolled and accuracy else {}
+    u = run.config().unlearning
+    out = []
+    for e in manifest["shards"]:
+        s, rb = e["shard"], rolled.get(e["shard"])
+        state = {"shard": s, "records": e["records"]}
+        if s in pending:
+            state["state"] = "retraining"
+        elif e["records"] == 0:
+            state["state"] = "empty"
+        elif rb is None:
+            state["state"] = "latest"
+        else:
+            state.update(
+                state="rolled_back" if rb["slice"] > 0 else "out",
+                slice=rb["slice"],
+                since=rb["since"],
+                requests=len(rb["requests"]),
+                accuracy_before=rb.get("accuracy_before"),
+                accuracy_now=now.get(str(s)) if now else None,
+                retrain_policy=u.retrain,
+                retrain_due=limits[s]["policy_due"],
+                retrain_deadline=limits[s]["deadline"],
+            )
+        out.append(state)
+    return out

@@ -127,6 +127,10 @@ def retrain(
     """Catch up rolled-back shards now (``sisa retrain``): every one, ``shards`` only, or (``due_only``) those the
     retrain policy says are due. Returns what was retrained and the receipts of the requests it completed."""
     with writer_session(root, "retrain", wait_s, runtime) as run:
+        n = run.config().sharding.shards
+        bad = sorted({s for s in shards or [] if not 0 <= s < n})
+        if bad:
+            raise UsageError([("shards", f"{s} is not a shard of this run (it has 0..{n - 1})") for s in bad])
         rolled = sorted(rolled_back_shards(run.require_manifest()))
         why = due(run) if due_only else {s: "manual" for s in rolled}
         chosen = [s for s in (rolled if shards is None else shards) if s in why]
@@ -211,6 +215,7 @@ def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) 
         files = {n: read_verified(run.root / n, manifest["files"].get(n)) for n in names}
         for j, n in enumerate(names):
             loaded[(s, j)] = (from_bytes(files[n], run.root / n, n_f), sha256_bytes(files[n]))
+        k = min(k, len(entries[s]["checkpoints"]))  # a rolled-back shard resumes from its last named one
         if k > 0:
             load_checkpoint(run.shard_checkpoints(s) / entries[s]["checkpoints"][k - 1])
     return loaded

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import RUNTIME_KEYS, Config
@@ -101,8 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     dup.add_argument(
         "--delete-duplicates", action="store_true", help="delete such duplicates in the same request"
     )
+    d.add_argument(
+        "--defer",
+        action="store_true",
+        help="journal, roll the shards back and erase now; leave the retrain to the policy or `sisa retrain`",
+    )
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
     _runtime_option(d)
+
+    rt = sub.add_parser(
+        "retrain", help="catch up rolled-back shards now (restore the accuracy deletions cost)"
+    )
+    rt.add_argument("--run", required=True)
+    rt.add_argument("--due", action="store_true", help="only the shards the retrain policy says are due")
+    _shard_option(rt, "retrain")
+    rt.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
+    rt.add_argument("--json", action="store_true")
+    _runtime_option(rt)
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
@@ -232,7 +248,7 @@ def _delete(a: argparse.Namespace) -> int:
     ids = list(a.ids) + _read_ids(a.ids_file)
     subjects = list(a.subjects) + _read_ids(a.subjects_file)
     dupes = "delete" if a.delete_duplicates else "report" if a.check_duplicates else "ignore"
-    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime)
+    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime, defer=a.defer)
     if a.json:
         print(json.dumps(receipt, indent=1, default=str))
     elif receipt["status"] == "already_deleted":
@@ -253,6 +269,18 @@ def _delete(a: argparse.Namespace) -> int:
 
 
 def _print_receipt(r: dict) -> None:
+    if r["status"] == "rolled_back":
+        print(
+            f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten and erased "
+            f"(rolled back, retrain pending), generation {r['generation']}, {r['rollback_seconds']} s"
+        )
+        for s, k in r["shards_rolled_back"].items():
+            print(
+                f"  shard {s}: "
+                + (f"serving slice {int(k) - 1} (rolled back to slice {k})" if int(k) else "out")
+            )
+        print(f"  retrain deadline {_utc(r['retrain_deadline'])}")
+        return
     print(
         f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
         f"generation {r['generation']}, {r['seconds']} s"
@@ -261,6 +289,47 @@ def _print_receipt(r: dict) -> None:
         before, after = r["fingerprints_before"].get(s, "")[:12], r["fingerprints_after"].get(s, "")[:12]
         print(f"  shard {s}: retrained from slice {k}; fingerprint {before} -> {after}")
     print(f"  retraining cost: {r['samples_retrained']} samples, {r['optimizer_steps']} optimizer steps")
+
+
+@command("retrain")
+def _retrain(a: argparse.Namespace) -> int:
+    from ..unlearning import retrain
+
+    report = retrain(a.run, a.shards or None, due_only=a.due, wait_s=a.wait, runtime=a.runtime)
+    if a.json:
+        print(json.dumps(report, indent=1, default=str))
+    elif report["shards_retrained"]:
+        print(
+            f"caught up shard(s) {report['shards_retrained']}: {report['samples_retrained']} samples retrained; "
+            f"{len(report['requests_applied'])} request(s) applied; generation {report['generation']}"
+        )
+    else:
+        print("nothing to retrain: no shard " + ("is due" if a.due else "is rolled back"))
+    return 0
+
+
+def _utc(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(float(ts), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _shard_line(e: dict) -> str:
+    if e["state"] not in ("rolled_back", "out"):
+        return {
+            "latest": "serving the latest",
+            "retraining": "out (deletion acknowledged)",
+            "empty": "empty",
+        }[e["state"]]
+    acc = ""
+    if e.get("accuracy_before") is not None:
+        now = e.get("accuracy_now")
+        acc = f", test accuracy {e['accuracy_before']:.4f} -> " + ("-" if now is None else f"{now:.4f}")
+    what = f"rolled back to slice {e['slice']}" if e["state"] == "rolled_back" else "out (slice 0 hit)"
+    return (
+        f"{what} since {_utc(e['since'])}{acc}; retrain {e['retrain_policy']}, "
+        f"due {_utc(e['retrain_due'])}, deadline {_utc(e['retrain_deadline'])}"
+    )
 
 
 @command("status")
@@ -289,6 +358,9 @@ def _status(a: argparse.Namespace) -> int:
     )
     if acc is not None:
         print(f"ensemble test accuracy {acc:.4f}")
+    for e in st["shard_states"]:
+        if e["state"] != "latest":
+            print(f"  shard {e['shard']}: {_shard_line(e)}")
     return 0
 
 
@@ -313,11 +385,18 @@ def _verify(a: argparse.Namespace) -> int:
         chain = (
             ""
             if c.fingerprint == c.recomputed_fingerprint
-            else f" != recomputed {c.recomputed_fingerprint[:12]}"
+            else f" != recomputed {(c.recomputed_fingerprint or '-')[:12]}"
+        )
+        rolled = (
+            ""
+            if c.rolled_back_to is None
+            else f", rolled back to slice {c.rolled_back_to} (certified as trained on slices 0..{c.rolled_back_to - 1})"
+            if c.rolled_back_to
+            else ", out until caught up (rolled back before slice 0: no model)"
         )
         print(
-            f"shard {c.shard}: {c.records} records, fingerprint {c.fingerprint[:12]}{chain}, "
-            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict} ({c.seconds:.2f} s)"
+            f"shard {c.shard}: {c.records} records, fingerprint {(c.fingerprint or '-')[:12]}{chain}, "
+            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict}{rolled} ({c.seconds:.2f} s)"
         )
     bad = [c.shard for c in certs if not c.ok]
     if bad:

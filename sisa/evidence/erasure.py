@@ -103,10 +103,10 @@ def check_erasure(
 
 def _check_journal(run: RunDir, index) -> Check:
     entries = Journal(run.journal_dir).entries()
-    pending = [e["request_id"] for e in entries if e["status"] != "applied"]
+    pending = [e["request_id"] for e in entries if e["status"] == "pending"]
     tomb = set(index.tombstones["id_hash"])
-    missing = [
-        e["request_id"] for e in entries if e["status"] == "applied" and not set(e["id_hashes"]) <= tomb
+    missing = [  # a rolled-back request is erased already; only its retrain is to come (§4.2)
+        e["request_id"] for e in entries if e["status"] != "pending" and not set(e["id_hashes"]) <= tomb
     ]
     plain = [
         e["request_id"]
@@ -118,7 +118,9 @@ def _check_journal(run: RunDir, index) -> Check:
         for what, ids in (("pending", pending), ("not tombstoned", missing), ("holding non-hash IDs", plain))
         if ids
     ]
-    ok_text = f"{len(entries)} request(s), all applied, keyed hashes only, every deleted ID tombstoned"
+    rolled = sum(e["status"] == "rolled_back" for e in entries)
+    state = f"all applied or rolled back ({rolled} retrain(s) to come)" if rolled else "all applied"
+    ok_text = f"{len(entries)} request(s), {state}, keyed hashes only, every deleted ID tombstoned"
     return _check("journal", problems, ok_text)
 
 
@@ -173,6 +175,8 @@ def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict
             continue
         fps = fingerprints(config.digest(), shard, frames[shard], config.sharding.slices)
         expected = [checkpoint_name(k, fp) for k, fp in enumerate(fps)]
+        if entries[shard].get("rolled_back"):  # serving checkpoint k-1: only 0..k-1 may remain (§4.2)
+            expected = expected[: entries[shard]["rolled_back"]["slice"]]
         if entries[shard]["checkpoints"] != expected:
             problems.append(f"shard {shard}: manifest names checkpoints the stored data does not give")
         for ck in sorted(folder.iterdir()):

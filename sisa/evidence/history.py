@@ -1,6 +1,7 @@
 """The deletion log: one row per deletion request, from the journal, for a compliance report.
 
-Each row says when a request was made and applied (UTC, ISO 8601), how many records and data subjects it
+Each row says when a request was made, forgotten (rolled back and erased: no model that saw it answers) and
+applied (caught up: the retrain restored the accuracy) (UTC, ISO 8601), how many records and data subjects it
 forgot, which shards and slices were retrained at what cost, and its status (``pending`` until it is applied;
 a pending request is being applied, or will be replayed by the next command). The journal holds keyed hashes
 only, so the log never names a record.
@@ -21,6 +22,7 @@ from ..store.journal import Journal
 COLUMNS = [
     "request_id",
     "requested_utc",
+    "forgotten_utc",
     "applied_utc",
     "status",
     "records",
@@ -46,6 +48,7 @@ def _row(entry: dict) -> dict:
     return {
         "request_id": entry["request_id"],
         "requested_utc": _utc(entry["created"]),
+        "forgotten_utc": _utc(entry["rolled_back"]) if "rolled_back" in entry else None,
         "applied_utc": _utc(entry["applied"]) if "applied" in entry else None,
         "status": entry["status"],
         "records": int(entry["records"]),

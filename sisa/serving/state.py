@@ -31,6 +31,7 @@ from torch import nn
 
 from ..aggregation import Ensemble
 from ..exceptions import SisaError
+from ..retraining import rolled_back_shards, shard_states
 from ..session import recover
 from ..store.checkpoints import load_checkpoint
 from ..store.journal import PENDING, Journal
@@ -139,6 +140,7 @@ class ServingState:
         self._lock = threading.Lock()
         self._models: dict[int, tuple[str, nn.Module]] = {}  # shard -> (checkpoint name, model)
         self._acked: dict[str, frozenset[int]] = {}  # accepted here, not yet applied
+        self._states: tuple | None = None  # (generation, excluded) -> shard states
         self._snapshot = self._build()
 
     # ---- snapshots ----------------------------------------------------------------------------------------
@@ -238,8 +240,10 @@ class ServingState:
             "run": str(self.run.root),
             "generation": snap.generation,
             "shards": len(shards),
-            "shards_serving": snap.shards,
+            "shards_serving": snap.shards,  # rolled back or not: every shard that answers
             "shards_retraining": sorted(snap.excluded),
+            "shards_rolled_back": sorted(rolled_back_shards(snap.manifest)),
+            "shard_states": self._shard_states(snap),
             "shards_empty": [e["shard"] for e in shards if e["records"] == 0],
             "records_active": sum(e["records"] for e in shards),
             "shard_records": [e["records"] for e in shards],
@@ -254,6 +258,13 @@ class ServingState:
             "max_batch": self.settings.max_batch,
         }
 
+    def _shard_states(self, snap: Snapshot) -> list[dict]:
+        """Per shard: latest / rolled back (test accuracy before and now) / out; computed once per generation."""
+        key = (snap.generation, snap.excluded)
+        if self._states is None or self._states[0] != key:
+            self._states = (key, shard_states(self.run, snap.manifest, set(snap.excluded)))
+        return self._states[1]
+
     def deletion(self, request_id: str, error: str | None = None) -> dict:
         """A request's status; ``error``: why its retrain failed so far (pending requests only)."""
         entry = self.journal.get(request_id) if REQUEST_ID.match(request_id) else None
@@ -267,8 +278,9 @@ class ServingState:
             "created": entry["created"],
         }
         if entry["status"] != PENDING:
-            out["applied"] = entry.get("applied")
-            out["receipt"] = entry.get("receipt")
+            out["forgotten"] = entry.get("rolled_back")  # erased; answered only by models that never saw it
+            out["applied"] = entry.get("applied")  # caught up (None while the retrain is to come)
+            out["receipt"] = entry.get("receipt") or entry.get("rollback")
         elif error is not None:
             out["error"] = error
         return out
