@@ -253,3 +253,34 @@ def test_cli_defer_status_retrain_history(base, capsys):
     assert row["status"] == "applied" and row["forgotten_utc"] <= row["applied_utc"]
     assert cli.main(["retrain", "--run", str(run.root)]) == 0
     assert capsys.readouterr().out == "nothing to retrain: no shard is rolled back\n"
+
+
+def test_server_with_manual_policy_forgets_at_once_and_waits_for_sisa_retrain(base):
+    import warnings
+
+    from sisa.serving.app import create_app
+    from sisa.serving.schema import ServerSettings
+    from sisa.serving.server import Server
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    run, _ = base
+    auth = {"Authorization": "Bearer t0ken-for-tests"}
+    victim = int(rows_at(run, 1, 2)[0])
+    server = Server(run.root, ServerSettings(token="t0ken-for-tests"), runtime=["unlearning.retrain=manual"])
+    with TestClient(create_app(server)) as c:
+        r = c.post("/deletions", json={"record_ids": [victim]}, headers=auth)
+        assert r.status_code == 202, r.text
+        rid, deadline = r.json()["request_id"], time.monotonic() + 30
+        while (body := c.get(f"/deletions/{rid}", headers=auth).json())["status"] == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert body["status"] == "rolled_back" and body["forgotten"] and body["applied"] is None
+        st = c.get("/status").json()
+        assert st["shards_serving"] == [0, 1, 2] and st["shards_rolled_back"] == [1]
+        assert st["shard_states"][1]["retrain_policy"] == "manual"
+        assert c.post("/predict", json={"instances": [[0.0] * 6]}).json()["shards"] == [0, 1, 2]
+        retrain(run.root)
+        assert c.get(f"/deletions/{rid}", headers=auth).json()["status"] == "applied"
+        assert c.get("/status").json()["shards_rolled_back"] == []
