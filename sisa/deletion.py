@@ -39,8 +39,9 @@ def apply_entry(
 ) -> dict:
     """Roll back and catch up a journaled request at once (idempotent); return its receipt. Caller holds the
     writer lock."""
+    loaded = dict(loaded or {})
     entry = roll_back(run, entry, index, positions, loaded)
-    receipts = catch_up(run, sorted(int(s) for s in entry["shards"]))
+    receipts = catch_up(run, sorted(int(s) for s in entry["shards"]), loaded=loaded)
     done = Journal(run.journal_dir).get(entry["request_id"]) or entry
     return next((r for r in receipts if r["request_id"] == entry["request_id"]), done.get("receipt", {}))
 
@@ -55,7 +56,8 @@ def roll_back(
 ) -> dict:
     """Erase a journaled request's records and roll its shards back (idempotent); return the journal entry,
     now ``rolled_back``. ``deferred``: the caller asked for no retrain now (``delete --defer``): the retrain
-    policy alone decides when. Caller holds the writer lock; ``loaded`` as in :func:`apply_entry`."""
+    policy alone decides when. Caller holds the writer lock; ``loaded`` as in :func:`apply_entry`, updated with
+    the purged slices."""
     if entry["status"] != PENDING:
         return entry
     t0 = time.perf_counter()
@@ -70,7 +72,7 @@ def roll_back(
     if positions is not None and len(positions):
         index.remove(positions, secret, entry["request_id"], subject_hashes=entry.get("subject_hashes", []))
         files.update(index.to_bytes(index.changed))
-    loaded = dict(loaded or {})
+    loaded = {} if loaded is None else loaded  # updated in place: the catch-up trains on these bytes
     for s in shards:
         files.update(_purged_slices(run, index, s, slices[s], loaded))
     if files:  # write-ahead: the checksums go into the journal before the files change

@@ -103,15 +103,18 @@ def next_due(run: RunDir, now: float | None = None) -> float | None:
     return max(0.0, min(times) - now) if times else None
 
 
-def catch_up(run: RunDir, shards: list[int] | None = None, reason: str = "manual") -> list[dict]:
+def catch_up(
+    run: RunDir, shards: list[int] | None = None, reason: str = "manual", loaded: dict | None = None
+) -> list[dict]:
     """Retrain ``shards`` (default: every rolled-back one) from their first missing checkpoint, then mark every
     request whose shards are all caught up ``applied``; returns their receipts. Idempotent. Caller holds the
-    writer lock."""
+    writer lock. ``loaded``: slice files this process already read and verified (see :func:`sisa.refresh.plan`)."""
     t0 = time.perf_counter()
     manifest = run.require_manifest()
     rolled = rolled_back_shards(manifest)
     shards = sorted(rolled) if shards is None else sorted(set(shards))
-    report = refresh(run, shards, metrics=False, changed={s: set() for s in shards}) if shards else None
+    changed = {s: set() for s in shards}  # the rolled-back manifest already describes the purged data
+    report = refresh(run, shards, metrics=False, changed=changed, loaded=loaded) if shards else None
     jobs = {j.shard: j for j in report.jobs} if report else {}
     samples = {r.shard: r.samples for r in report.results} if report else {}
     steps = {r.shard: r.optimizer_steps for r in report.results} if report else {}

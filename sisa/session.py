@@ -84,15 +84,18 @@ def _catch_up_owed(run: RunDir, journal: Journal) -> bool:
     return any(e["request_id"] not in still for e in journal.rolled_back()) or bool(due(run))
 
 
-def replay(run: RunDir, journal: Journal) -> list[dict]:
+def replay(run: RunDir, journal: Journal, catch_up_due: bool = True) -> list[dict]:
     """Roll back every pending entry (erasure cannot wait), finish catch-ups a crash interrupted, run the retrains
     the policy says are due, then remove leftovers of interrupted writes. Caller holds the writer lock. Returns the
-    entries rolled back here (each as its receipt once caught up)."""
+    entries rolled back here (each as its receipt once caught up), then the receipts of earlier rolled-back
+    requests it completed. ``catch_up_due=False``: roll back and settle
+    only (``sisa retrain`` chooses the shards itself)."""
     rolled = [roll_back(run, e) for e in journal.pending()]
     done = {r["request_id"]: r for r in settle(run)}
-    now = due(run)
+    now = due(run) if catch_up_due else {}
     if now:
         done.update({r["request_id"]: r for r in catch_up(run, sorted(now), reason="recovery")})
     for leftover in temp_leftovers(run.root):  # a crash before the journal write leaves only these
         remove_tree(leftover)
-    return [done.get(e["request_id"], e) for e in rolled]
+    ids = {e["request_id"] for e in rolled}
+    return [done.get(e["request_id"], e) for e in rolled] + [r for i, r in done.items() if i not in ids]

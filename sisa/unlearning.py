@@ -18,7 +18,7 @@ from .deletion import Loaded, roll_back
 from .duplicates import find_duplicates
 from .exceptions import UnknownRecordError, UsageError
 from .retraining import catch_up, deadlines, due, rolled_back_shards
-from .session import writer_session
+from .session import replay, writer_session
 from .store.checkpoints import load_checkpoint
 from .store.files import read_verified, sha256_bytes
 from .store.index import RecordIndex, coerce_ids, keyed_id_hashes
@@ -102,11 +102,16 @@ def delete(
         )
         if on_ack:  # with the caller's own already-deleted IDs, which the journal never stores
             on_ack({**entry, "already_deleted": already})
+        loaded = dict(loaded)
         entry = roll_back(run, entry, index, positions, loaded, deferred=defer)
         if on_rollback:
             on_rollback(entry)
         now = due(run)
-        receipts = {r["request_id"]: r for r in catch_up(run, sorted(now), reason="policy")} if now else {}
+        receipts = {}
+        if now:  # the retrain uses the slice bytes verified before the acknowledgement
+            receipts = {
+                r["request_id"]: r for r in catch_up(run, sorted(now), reason="policy", loaded=loaded)
+            }
         receipt = receipts.get(entry["request_id"]) or rollback_receipt(run, entry)
         receipt["already_deleted"] = already
         if duplicates != "ignore":  # returned to the caller only: the stored receipt never names record IDs
@@ -126,7 +131,8 @@ def retrain(
 ) -> dict:
     """Catch up rolled-back shards now (``sisa retrain``): every one, ``shards`` only, or (``due_only``) those the
     retrain policy says are due. Returns what was retrained and the receipts of the requests it completed."""
-    with writer_session(root, "retrain", wait_s, runtime) as run:
+    with writer_session(root, "retrain", wait_s, runtime, replay_first=False) as run:
+        replay(run, Journal(run.journal_dir), catch_up_due=False)  # erase what a crash left pending first
         n = run.config().sharding.shards
         bad = sorted({s for s in shards or [] if not 0 <= s < n})
         if bad:

@@ -117,6 +117,11 @@ class Snapshot:
             return ensemble.predict_proba(X)
 
 
+def served_names(snap: Snapshot) -> dict[int, str]:
+    entries = {e["shard"]: e for e in snap.manifest["shards"]}
+    return {s: entries[s]["checkpoints"][-1] for s in snap.shards}
+
+
 class ServingState:
     """The run directory as the server sees it: the current snapshot, the model cache, acknowledged deletions."""
 
@@ -159,6 +164,31 @@ class ServingState:
             if force or snap.recheck or self._stamp() != snap.stamp:
                 self._snapshot = self._build()
             return self._snapshot
+
+    def predict(self, X) -> tuple[Snapshot, object]:
+        """Probabilities and the snapshot they come from, recomputed (at most twice more) when a deletion
+        acknowledged meanwhile took a model it used out of serving: an answer finished after an acknowledgement
+        never comes from a model that saw the deleted records, even one that was computing at that moment."""
+        for _ in range(3):
+            snap = self.snapshot()
+            proba = snap.predict_proba(X)
+            if self.still_serves(snap):
+                return snap, proba
+        return self.predict_strict(X)
+
+    def predict_strict(self, X) -> tuple[Snapshot, object]:
+        """Under the lock, so no exclusion can land while it computes (the last resort of :meth:`predict`)."""
+        with self._lock:
+            snap = self._snapshot
+            return snap, snap.predict_proba(X)
+
+    def still_serves(self, snap: Snapshot) -> bool:
+        """Every model of ``snap`` is still one the current snapshot serves (same shard, same checkpoint)."""
+        cur = self._snapshot
+        if cur is snap:
+            return True
+        names = served_names(cur)
+        return all(names.get(s) == n for s, n in served_names(snap).items())
 
     def exclude(self, request_id: str, shards: set[int]) -> None:
         """Stop the shards voting now (called from ``on_ack``, after the journal fsync)."""

@@ -175,7 +175,9 @@ class DeletionWorker:
         try:
             recover(self.run)
         except Exception as exc:
-            log.warning("catch-up retrain failed (shards keep serving their rolled-back checkpoints): %s", exc)
+            log.warning(
+                "catch-up retrain failed (shards keep serving their rolled-back checkpoints): %s", exc
+            )
             self._policy_at = time.monotonic() + RETRY_MAX_S
             return
         self.gate.applied("")  # re-read the run: caught-up shards serve their latest checkpoints
