@@ -10,13 +10,15 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import RUNTIME_KEYS, Config
 from ..exceptions import SisaError, UsageError
 from .audit import HANDLERS as AUDIT_HANDLERS
 from .audit import add_parsers as add_audit_parsers
+from .retraining import HANDLERS as RETRAIN_HANDLERS
+from .retraining import add_parsers as add_retrain_parsers
+from .retraining import shard_line, utc
 from .tables import HANDLERS as TABLE_HANDLERS
 from .tables import add_parsers as add_table_parsers
 
@@ -39,7 +41,11 @@ FLAGS = {
     "min_count": "--min-count",
 }
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {**AUDIT_HANDLERS, **TABLE_HANDLERS}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    **AUDIT_HANDLERS,
+    **TABLE_HANDLERS,
+    **RETRAIN_HANDLERS,
+}
 RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
 
 
@@ -110,15 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
     _runtime_option(d)
 
-    rt = sub.add_parser(
-        "retrain", help="catch up rolled-back shards now (restore the accuracy deletions cost)"
-    )
-    rt.add_argument("--run", required=True)
-    rt.add_argument("--due", action="store_true", help="only the shards the retrain policy says are due")
-    _shard_option(rt, "retrain")
-    rt.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
-    rt.add_argument("--json", action="store_true")
-    _runtime_option(rt)
+    add_retrain_parsers(sub, _shard_option, _runtime_option)  # retrain
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
@@ -279,7 +277,7 @@ def _print_receipt(r: dict) -> None:
                 f"  shard {s}: "
                 + (f"serving slice {int(k) - 1} (rolled back to slice {k})" if int(k) else "out")
             )
-        print(f"  retrain deadline {_utc(r['retrain_deadline'])}")
+        print(f"  retrain deadline {utc(r['retrain_deadline'])}")
         return
     print(
         f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
@@ -289,47 +287,6 @@ def _print_receipt(r: dict) -> None:
         before, after = r["fingerprints_before"].get(s, "")[:12], r["fingerprints_after"].get(s, "")[:12]
         print(f"  shard {s}: retrained from slice {k}; fingerprint {before} -> {after}")
     print(f"  retraining cost: {r['samples_retrained']} samples, {r['optimizer_steps']} optimizer steps")
-
-
-@command("retrain")
-def _retrain(a: argparse.Namespace) -> int:
-    from ..unlearning import retrain
-
-    report = retrain(a.run, a.shards or None, due_only=a.due, wait_s=a.wait, runtime=a.runtime)
-    if a.json:
-        print(json.dumps(report, indent=1, default=str))
-    elif report["shards_retrained"]:
-        print(
-            f"caught up shard(s) {report['shards_retrained']}: {report['samples_retrained']} samples retrained; "
-            f"{len(report['requests_applied'])} request(s) applied; generation {report['generation']}"
-        )
-    else:
-        print("nothing to retrain: no shard " + ("is due" if a.due else "is rolled back"))
-    return 0
-
-
-def _utc(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(float(ts), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _shard_line(e: dict) -> str:
-    if e["state"] not in ("rolled_back", "out"):
-        return {
-            "latest": "serving the latest",
-            "retraining": "out (deletion acknowledged)",
-            "empty": "empty",
-        }[e["state"]]
-    acc = ""
-    if e.get("accuracy_before") is not None:
-        now = e.get("accuracy_now")
-        acc = f", test accuracy {e['accuracy_before']:.4f} -> " + ("-" if now is None else f"{now:.4f}")
-    what = f"rolled back to slice {e['slice']}" if e["state"] == "rolled_back" else "out (slice 0 hit)"
-    return (
-        f"{what} since {_utc(e['since'])}{acc}; retrain {e['retrain_policy']}, "
-        f"due {_utc(e['retrain_due'])}, deadline {_utc(e['retrain_deadline'])}"
-    )
 
 
 @command("status")
@@ -360,7 +317,7 @@ def _status(a: argparse.Namespace) -> int:
         print(f"ensemble test accuracy {acc:.4f}")
     for e in st["shard_states"]:
         if e["state"] != "latest":
-            print(f"  shard {e['shard']}: {_shard_line(e)}")
+            print(f"  shard {e['shard']}: {shard_line(e)}")
     return 0
 
 
