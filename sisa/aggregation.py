@@ -63,8 +63,8 @@ class Ensemble:
         models = {}
         for entry in manifest["shards"]:
             s = entry["shard"]
-            if s in exclude or entry["records"] == 0:
-                continue
+            if s in exclude or entry["records"] == 0 or not entry["checkpoints"]:
+                continue  # excluded, empty, or rolled back to before slice 0 (docs/design.md §4.2)
             name = entry["checkpoints"][-1]
             ck = load_checkpoint(RunDir(root).shard_checkpoints(s) / name, entry["fingerprint"])
             model = shard_model(config, 0)

@@ -87,6 +87,25 @@ class AggregationConfig:
     inference: str = "auto"  # auto | loop | stacked: how the S sub-models are evaluated
 
 
+Duration = str | float  # seconds, or a string with a unit: 90s, 15m, 12h, 30d (checked by duration_s)
+
+
+@dataclass
+class UnlearningConfig:
+    """When a rolled-back shard is retrained (docs/design.md §4.2); how, never what: outside the digest."""
+
+    retrain: str = "immediate"  # immediate | batched (once per shard, see below) | manual (`sisa retrain`)
+    max_delay: Duration = (
+        "1d"  # batched: retrain a shard once its oldest rollback has waited this long (s, m, h, d)
+    )
+    max_accuracy_drop: float | None = (
+        None  # batched: also when test accuracy fell this much (0.02 = 2 points)
+    )
+    deadline: Duration = (
+        "30d"  # no policy lets a retrain wait longer after the oldest request it covers (GDPR 12(3))
+    )
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -94,6 +113,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
 
     # ---- conversion -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +179,9 @@ class Config:
             del d["data"]["schema"]
         d["training"] = {k: v for k, v in d["training"].items() if k not in _NON_RESULT_TRAINING_KEYS}
         d["aggregation"] = {}
+        d.pop(
+            "unlearning", None
+        )  # when to retrain changes no bits (runs trained before it keep their digest)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -236,8 +259,46 @@ class Config:
                 p.append(
                     "data.features: expected a non-empty list of column names or null (all other columns)"
                 )
+        _check_unlearning(p, self.unlearning)
         if p:
             raise ConfigError(p)
+
+
+def _check_unlearning(p: list[str], u: UnlearningConfig) -> None:
+    _choice(p, "unlearning.retrain", u.retrain, ("immediate", "batched", "manual"))
+    seconds = {}
+    for name in ("max_delay", "deadline"):
+        try:
+            seconds[name] = duration_s(getattr(u, name))
+        except ValueError as exc:
+            p.append(f"unlearning.{name}: {exc}")
+    drop = u.max_accuracy_drop
+    if drop is not None and (
+        isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 1
+    ):
+        p.append(f"unlearning.max_accuracy_drop: expected a fraction between 0 and 1 or null, got {drop!r}")
+    if len(seconds) == 2 and seconds["max_delay"] > seconds["deadline"]:
+        p.append(
+            f"unlearning.max_delay: {u.max_delay!r} is longer than unlearning.deadline {u.deadline!r}; "
+            "the deadline would always come first"
+        )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(value: Any) -> float:
+    """Seconds in a duration: a number of seconds or a string like ``90s``, ``15m``, ``12h``, ``30d``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+        if not m:
+            raise ValueError(f"expected a duration like 90s, 15m, 12h or 30d, got {value!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError(f"expected a duration >= 0, got {value!r}")
+    return seconds
 
 
 # Training keys that change how fast, not what, is computed; they stay out of the digest.
@@ -256,6 +317,7 @@ RUNTIME_KEYS = (
     "aggregation.method",
     "aggregation.weights",
     "aggregation.inference",
+    *(f"unlearning.{f.name}" for f in dataclasses.fields(UnlearningConfig)),
 )
 
 
@@ -345,6 +407,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "training": TrainingConfig,
     "aggregation": AggregationConfig,
+    "unlearning": UnlearningConfig,
 }
 
 

@@ -1,9 +1,13 @@
-"""Carrying out one journaled deletion request (docs/design.md, "Deletion lifecycle", steps 3-5).
+"""Carrying out one journaled deletion request (docs/design.md, "Deletion lifecycle", steps 3-5, and §4.2).
 
-:func:`apply_entry` tombstones the records in the index, purges their rows from the affected slice files, retrains each
-affected shard once from its earliest affected slice (:func:`sisa.refresh.refresh`), swaps the manifest, deletes
-every checkpoint trained on the records and marks the entry applied with its receipt. It is idempotent, so replaying
-a request interrupted at any point (even kill -9) gives the uninterrupted end state.
+Two journaled steps. :func:`roll_back` (always, right after the journal write) tombstones the records in the
+index, purges their rows from the affected slice files, swaps in a manifest generation in which each affected
+shard names only its checkpoints before its earliest affected slice (they never saw the records: the shard serves
+the last of them, or is out when slice 0 is hit), deletes every checkpoint trained on the records and marks the
+entry ``rolled_back``: from then on the request is forgotten and erased. The catch-up retrain
+(:func:`sisa.retraining.catch_up`) restores the shards' accuracy when the retrain policy says so and marks the
+entry ``applied``. :func:`apply_entry` does both at once. Each step is idempotent, so replaying a request
+interrupted at any point (even kill -9) gives the uninterrupted end state.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import time
 
 import numpy as np
 
-from .refresh import refresh
-from .store.files import sha256_bytes
-from .store.index import RecordIndex, keyed_id_hashes
-from .store.journal import Journal
+from .exceptions import IntegrityError
+from .refresh import collect_garbage
+from .retraining import catch_up
+from .store.checkpoints import checkpoint_name, fingerprint_chain
+from .store.files import read_verified, sha256_bytes, sha256_file
+from .store.index import TOMBSTONES_FILE, RecordIndex, index_file, keyed_id_hashes
+from .store.journal import PENDING, Journal
 from .store.rundir import RunDir
-from .store.shardfile import ShardRows, content_hashes, slice_file, to_bytes
+from .store.shardfile import ShardRows, content_hashes, from_bytes, slice_digest, slice_file, to_bytes
 
 # slice files already read and verified in this process: (shard, slice) -> (rows, sha256 of the file's bytes)
 Loaded = dict[tuple[int, int], tuple[ShardRows, str]]
@@ -30,8 +37,29 @@ def apply_entry(
     positions: np.ndarray | None = None,
     loaded: Loaded | None = None,
 ) -> dict:
-    """Carry out a journaled request (idempotent). Caller holds the writer lock. ``loaded``: slice files the
-    caller read and verified for this request (a replay reads them itself)."""
+    """Roll back and catch up a journaled request at once (idempotent); return its receipt. Caller holds the
+    writer lock."""
+    loaded = dict(loaded or {})
+    entry = roll_back(run, entry, index, positions, loaded)
+    receipts = catch_up(run, sorted(int(s) for s in entry["shards"]), loaded=loaded)
+    done = Journal(run.journal_dir).get(entry["request_id"]) or entry
+    return next((r for r in receipts if r["request_id"] == entry["request_id"]), done.get("receipt", {}))
+
+
+def roll_back(
+    run: RunDir,
+    entry: dict,
+    index: RecordIndex | None = None,
+    positions: np.ndarray | None = None,
+    loaded: Loaded | None = None,
+    deferred: bool = False,
+) -> dict:
+    """Erase a journaled request's records and roll its shards back (idempotent); return the journal entry,
+    now ``rolled_back``. ``deferred``: the caller asked for no retrain now (``delete --defer``): the retrain
+    policy alone decides when. Caller holds the writer lock; ``loaded`` as in :func:`apply_entry`, updated with
+    the purged slices."""
+    if entry["status"] != PENDING:
+        return entry
     t0 = time.perf_counter()
     secret = run.secret()
     shards = sorted(int(s) for s in entry["shards"])
@@ -44,7 +72,7 @@ def apply_entry(
     removed = positions is not None and len(positions) > 0
     if removed:
         index.remove(positions, secret, entry["request_id"], subject_hashes=entry.get("subject_hashes", []))
-    loaded = dict(loaded or {})
+    loaded = {} if loaded is None else loaded  # updated in place: the catch-up trains on these bytes
     purged, contents = {}, []
     for s in shards:
         purged.update(_purged_slices(run, index, s, slices[s], loaded, contents, secret))
@@ -55,27 +83,81 @@ def apply_entry(
     if files:  # write-ahead: the checksums go into the journal before the files change
         entry = journal.stage(entry, {rel: sha256_bytes(data) for rel, data in files.items()})
         run.write_files(files)  # tombstones before the index files (see RecordIndex.to_bytes)
-    report = refresh(
-        run, shards, metrics=False, staged=entry.get("staged", {}), changed=slices, loaded=loaded
-    )
-    receipt = {
-        "request_id": entry["request_id"],
-        "status": "applied",
-        "records_deleted": entry["records"],
-        "subjects_deleted": len(entry.get("subject_hashes", [])),
-        "shards_retrained": {str(s): int(k) for s, k in entry["shards"].items()},
-        "slices_retrained": {
-            str(j.shard): list(range(j.from_slice, len(j.fingerprints))) for j in report.jobs
+    manifest, rolled = _rolled_back_manifest(run, entry, slices, loaded)
+    collect_garbage(run, manifest, shards)  # every checkpoint trained on the records: gone now
+    return journal.roll_back(
+        entry,
+        {
+            "shards": {str(s): k for s, k in rolled.items()},
+            "shards_out": sorted(s for s, k in rolled.items() if k == 0),
+            "generation": manifest["generation"],
+            "deferred": deferred or bool(entry.get("deferred")),
+            "seconds": round(time.perf_counter() - t0, 4),
         },
-        "fingerprints_before": entry["before"],
-        "fingerprints_after": {str(s): fp for s, fp in report.after.items()},
-        "optimizer_steps": sum(r.optimizer_steps for r in report.results),
-        "samples_retrained": sum(r.samples for r in report.results),
-        "generation": report.generation,
-        "seconds": round(time.perf_counter() - t0, 4),
-    }
-    journal.complete(entry, receipt)
-    return receipt
+    )
+
+
+def _rolled_back_manifest(
+    run: RunDir, entry: dict, slices: dict[int, set[int]], loaded: Loaded
+) -> tuple[dict, dict[int, int]]:
+    """Swap in (once) the generation where each affected shard names only the checkpoints whose fingerprints the
+    purged data still gives: 0..k-1, k its earliest slice changed by any request not yet caught up. Their names
+    are unchanged (slices 0..k-1 did not change), so nothing is trained or copied. Returns it and k per shard."""
+    config, old = run.config(), run.require_manifest()
+    staged = entry.get("staged", {})
+    entries = {e["shard"]: dict(e) for e in old["shards"]}
+    files = dict(old["files"])
+    rolled = {}
+    for s in sorted(slices):
+        e = entries[s]
+        digests, counts = list(e["digests"]), list(e["slice_records"])
+        for k in sorted(slices[s]):
+            rel = slice_file(s, k)
+            if (s, k) in loaded:
+                rows, sha = loaded[(s, k)]
+            else:  # a replay: the file is already purged (or never changed)
+                raw = read_verified(run.root / rel, {old["files"].get(rel), staged.get(rel)} - {None})
+                rows, sha = from_bytes(raw, run.root / rel, len(config.data.features)), sha256_bytes(raw)
+            digests[k], counts[k], files[rel] = slice_digest(rows), len(rows), sha
+        fps = fingerprint_chain(config.digest(), s, digests)
+        named = set(e["checkpoints"])
+        k = next((j for j, fp in enumerate(fps) if checkpoint_name(j, fp) not in named), len(fps))
+        rolled[s] = k
+        prior = e.get("rolled_back") or {}
+        requests = list(prior.get("requests", []))
+        if entry["request_id"] not in requests:
+            requests.append(entry["request_id"])
+        metrics = old.get("metrics", {})
+        e.update(
+            records=int(sum(counts)),
+            digests=digests,
+            slice_records=[int(n) for n in counts],
+            checkpoints=e["checkpoints"][:k],
+            fingerprint=fps[k - 1] if k else None,
+        )
+        if k < len(fps):
+            e["rolled_back"] = {
+                "slice": k,
+                "since": prior.get("since", time.time()),
+                "requests": requests,
+                "accuracy_before": prior.get(
+                    "accuracy_before", metrics.get("shard_accuracy", {}).get(str(s))
+                ),
+                "ensemble_accuracy_before": prior.get(
+                    "ensemble_accuracy_before", metrics.get("test_accuracy")
+                ),
+            }
+        entries[s] = e
+    for rel in (TOMBSTONES_FILE, *(index_file(s) for s in slices)):
+        sha = sha256_file(run.root / rel)
+        if sha not in {old["files"].get(rel), staged.get(rel)}:
+            raise IntegrityError(run.root / rel, "checksum mismatch (file changed or truncated)")
+        files[rel] = sha
+    manifest = {**old, "shards": [entries[s] for s in sorted(entries)], "files": files}
+    if any(old.get(key) != manifest[key] for key in ("shards", "files")):
+        manifest["generation"] = old["generation"] + 1
+        run.write_manifest(manifest)
+    return manifest, rolled
 
 
 def _positions_by_hash(

@@ -19,6 +19,7 @@ from .evaluation import current_metrics, score_table
 from .exceptions import RunStateError
 from .fitting import train
 from .intake import add
+from .retraining import rolled_back_shards, shard_states
 from .session import reader_session
 from .sharding import imbalance
 from .store.journal import Journal, kind_of
@@ -174,10 +175,14 @@ def run_status(root: str | Path, accuracy: bool = True) -> dict:
         "shard_records": [int(v) for v in sizes],
         "shard_imbalance": round(imbalance(sizes), 4),
         "slice_records": counts.tolist(),
-        "shards_serving": [
-            e["shard"] for e in manifest["shards"] if e["shard"] not in pending and e["records"]
+        "shards_serving": [  # rolled back or not: every shard that answers
+            e["shard"]
+            for e in manifest["shards"]
+            if e["shard"] not in pending and e["records"] and e["checkpoints"]
         ],
         "shards_retraining": sorted(pending),
+        "shards_rolled_back": sorted(rolled_back_shards(manifest)),
+        "shard_states": shard_states(run, manifest, pending),
         "test_accuracy": metrics.get("test_accuracy"),
         "shard_accuracy": metrics.get("shard_accuracy"),
         "test_accuracy_generation": metrics.get("generation"),

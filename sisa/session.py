@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .addition import apply_addition, incoming_leftovers, remove_empty_incoming
-from .deletion import apply_entry
+from .deletion import roll_back
 from .exceptions import RunLockedError
+from .retraining import catch_up, due, rolled_back_shards, settle
 from .store.files import remove_tree, temp_leftovers, writer_lock
 from .store.journal import Journal, kind_of
 from .store.rundir import RunDir
@@ -64,7 +65,12 @@ def recover(run: RunDir, locked: bool = False) -> list[dict]:
     Without ``locked`` it takes the writer lock only if it is free: a writer holding it replays pending requests
     itself before doing anything else."""
     journal = Journal(run.journal_dir)
-    if not journal.pending() and not temp_leftovers(run.root) and not (run.root / "incoming").exists():
+    if (
+        not journal.pending()
+        and not temp_leftovers(run.root)
+        and not (run.root / "incoming").exists()
+        and not _catch_up_owed(run, journal)
+    ):
         return []
     if locked:
         return replay(run, journal)
@@ -75,13 +81,31 @@ def recover(run: RunDir, locked: bool = False) -> list[dict]:
         return []  # the writer holding the lock is applying them
 
 
-def replay(run: RunDir, journal: Journal) -> list[dict]:
-    """Apply every pending entry, then remove leftovers of interrupted writes. Caller holds the writer lock."""
-    # in arrival order, deletions and additions alike (docs/design.md §4.1)
-    receipts = [(apply_addition if kind_of(e) == "add" else apply_entry)(run, e) for e in journal.pending()]
+def _catch_up_owed(run: RunDir, journal: Journal) -> bool:
+    """A rolled-back request whose retrain is due now, or finished but not yet marked applied."""
+    if not journal.rolled_back():
+        return False
+    manifest = run.manifest()
+    still = {r for rb in rolled_back_shards(manifest or {"shards": []}).values() for r in rb["requests"]}
+    return any(e["request_id"] not in still for e in journal.rolled_back()) or bool(due(run))
+
+
+def replay(run: RunDir, journal: Journal, catch_up_due: bool = True) -> list[dict]:
+    """Roll back every pending entry (erasure cannot wait), finish catch-ups a crash interrupted, run the retrains
+    the policy says are due, then remove leftovers of interrupted writes. Caller holds the writer lock. Returns the
+    entries rolled back here (each as its receipt once caught up), then the receipts of earlier rolled-back
+    requests it completed. ``catch_up_due=False``: roll back and settle
+    only (``sisa retrain`` chooses the shards itself)."""
+    # in arrival order, deletions and additions alike (docs/design.md §4.1): an addition is merged and trained
+    rolled = [(apply_addition if kind_of(e) == "add" else roll_back)(run, e) for e in journal.pending()]
+    done = {r["request_id"]: r for r in settle(run)}
+    now = due(run) if catch_up_due else {}
+    if now:
+        done.update({r["request_id"]: r for r in catch_up(run, sorted(now), reason="recovery")})
     for leftover in temp_leftovers(run.root):  # a crash before the journal write leaves only these
         remove_tree(leftover)
     for staged in incoming_leftovers(run, journal):  # an addition staged but never acknowledged
         remove_tree(staged)
     remove_empty_incoming(run)
-    return receipts
+    ids = {e["request_id"] for e in rolled}
+    return [done.get(e["request_id"], e) for e in rolled] + [r for i, r in done.items() if i not in ids]

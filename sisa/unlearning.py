@@ -2,7 +2,9 @@
 
 :func:`delete` validates the request (unknown IDs: an error, nothing changed; already deleted: an explicit answer),
 checks that the files the retrain needs are intact, journals the request as pending and fsyncs it (from then on it
-is acknowledged), and hands it to :func:`sisa.deletion.apply_entry`.
+is acknowledged), and hands it to :func:`sisa.deletion.roll_back` (erased and forgotten: the affected shards serve
+the checkpoint before the records' slice); the retrain policy (:mod:`sisa.retraining`) then decides whether the
+catch-up retrain runs now (``unlearning.retrain: immediate``, the default) or later.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .deletion import Loaded, apply_entry
+from .deletion import Loaded, roll_back
 from .duplicates import find_duplicates
 from .exceptions import UnknownRecordError, UsageError
-from .session import writer_session
+from .retraining import catch_up, deadlines, due, rolled_back_shards
+from .session import replay, writer_session
 from .store.checkpoints import load_checkpoint
 from .store.files import read_verified, sha256_bytes
 from .store.index import RecordIndex, coerce_ids, keyed_id_hashes
@@ -34,6 +37,8 @@ def delete(
     request_id: str | None = None,
     duplicates: str = "ignore",
     runtime: list[str] | tuple[str, ...] = (),
+    defer: bool = False,
+    on_rollback: Callable[[dict], None] | None = None,
 ) -> dict:
     """Delete records (by ID) and/or every row of some data subjects; return the receipt.
 
@@ -41,7 +46,11 @@ def delete(
     ``on_ack`` is called right after the request is journaled (the server uses it to stop the shards serving).
     ``duplicates``: ``"report"`` lists other active records with identical features and label in the returned
     receipt (never on disk); ``"delete"`` deletes them in the same request. ``runtime``: overrides of the run's
-    runtime keys for this retrain (workers, cluster, lanes; :meth:`Config.with_runtime`).
+    runtime keys for this retrain (workers, cluster, lanes, unlearning; :meth:`Config.with_runtime`).
+    ``defer``: journal, roll back and erase, but leave the retrain to the policy's schedule (or ``sisa retrain``)
+    even under ``immediate``; ``on_rollback`` is called once the rollback is durable (the server serves the
+    rolled-back checkpoints from then on). The receipt's status is ``applied`` when the retrain ran, else
+    ``rolled_back``.
     """
     if duplicates not in ("ignore", "report", "delete"):
         raise UsageError([("duplicates", f"expected ignore, report or delete, got {duplicates!r}")])
@@ -76,6 +85,7 @@ def delete(
             len(positions),
             before,
             extra={
+                "deferred": defer,
                 "slices": {
                     str(s): sorted({int(k) for k in g})
                     for s, g in rows.groupby("shard")["slice"].unique().items()
@@ -92,13 +102,74 @@ def delete(
         )
         if on_ack:  # with the caller's own already-deleted IDs, which the journal never stores
             on_ack({**entry, "already_deleted": already})
-        receipt = apply_entry(run, entry, index, positions, loaded)
+        loaded = dict(loaded)
+        entry = roll_back(run, entry, index, positions, loaded, deferred=defer)
+        if on_rollback:
+            on_rollback(entry)
+        now = due(run)
+        receipts = {}
+        if now:  # the retrain uses the slice bytes verified before the acknowledgement
+            receipts = {
+                r["request_id"]: r for r in catch_up(run, sorted(now), reason="policy", loaded=loaded)
+            }
+        receipt = receipts.get(entry["request_id"]) or rollback_receipt(run, entry)
         receipt["already_deleted"] = already
         if duplicates != "ignore":  # returned to the caller only: the stored receipt never names record IDs
             receipt["duplicates_deleted" if duplicates == "delete" else "duplicates_found"] = dupes
         if subject_ids:
             receipt["subject_rows"] = {str(s): int(n) for s, n in subject_rows.items()}
         return receipt
+
+
+def retrain(
+    root: str | Path,
+    shards: list[int] | None = None,
+    *,
+    due_only: bool = False,
+    wait_s: float = 0.0,
+    runtime: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """Catch up rolled-back shards now (``sisa retrain``): every one, ``shards`` only, or (``due_only``) those the
+    retrain policy says are due. Returns what was retrained and the receipts of the requests it completed."""
+    with writer_session(root, "retrain", wait_s, runtime, replay_first=False) as run:
+        replay(run, Journal(run.journal_dir), catch_up_due=False)  # erase what a crash left pending first
+        n = run.config().sharding.shards
+        bad = sorted({s for s in shards or [] if not 0 <= s < n})
+        if bad:
+            raise UsageError([("shards", f"{s} is not a shard of this run (it has 0..{n - 1})") for s in bad])
+        rolled = sorted(rolled_back_shards(run.require_manifest()))
+        why = due(run) if due_only else {s: "manual" for s in rolled}
+        chosen = [s for s in (rolled if shards is None else shards) if s in why]
+        receipts = catch_up(run, chosen, reason="manual" if not due_only else "policy") if chosen else []
+        return {
+            "shards_retrained": chosen,
+            "reasons": {str(s): why[s] for s in chosen},
+            "requests_applied": [r["request_id"] for r in receipts],
+            "samples_retrained": receipts[0]["catch_up_samples"] if receipts else 0,
+            "still_rolled_back": sorted(rolled_back_shards(run.require_manifest())),
+            "generation": run.require_manifest()["generation"],
+            "receipts": receipts,
+        }
+
+
+def rollback_receipt(run, entry: dict) -> dict:
+    """The receipt of a request rolled back and erased whose catch-up retrain is still to come."""
+    manifest = run.require_manifest()
+    limits = deadlines(run, manifest)
+    shards = [int(s) for s in entry["shards"]]
+    return {
+        "request_id": entry["request_id"],
+        "status": entry["status"],
+        "records_deleted": entry["records"],
+        "subjects_deleted": len(entry.get("subject_hashes", [])),
+        "shards_rolled_back": entry["rollback"]["shards"],
+        "shards_out": entry["rollback"]["shards_out"],
+        "shards_retrained": {},
+        "forgotten_at": entry["rolled_back"],
+        "rollback_seconds": entry["rollback"]["seconds"],
+        "retrain_deadline": min((limits[s]["deadline"] for s in shards if s in limits), default=None),
+        "generation": manifest["generation"],
+    }
 
 
 def _unique(ids: list | None) -> list:
@@ -150,6 +221,7 @@ def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) 
         files = {n: read_verified(run.root / n, manifest["files"].get(n)) for n in names}
         for j, n in enumerate(names):
             loaded[(s, j)] = (from_bytes(files[n], run.root / n, n_f), sha256_bytes(files[n]))
+        k = min(k, len(entries[s]["checkpoints"]))  # a rolled-back shard resumes from its last named one
         if k > 0:
             load_checkpoint(run.shard_checkpoints(s) / entries[s]["checkpoints"][k - 1])
     return loaded

@@ -266,7 +266,7 @@ def test_cli_audit_text(deleted_run, capsys):
         main(["audit", "--run", str(root), "--holdout", str(tmp / "holdout.parquet"), "--no-reference"]) == 0
     )
     out = capsys.readouterr().out
-    assert out.startswith(f"audit of {root} (generation 2); attack shard/lira\n  members_vs_unseen  AUC ")
+    assert out.startswith(f"audit of {root} (generation 3); attack shard/lira\n  members_vs_unseen  AUC ")
     assert "note: no retrained-from-scratch reference was computed (--no-reference)" in out
 
 

@@ -146,3 +146,29 @@ def test_quick_addition_benchmark_writes_its_keys(tmp_path):
         assert res["speedup_measured"] > 0
     assert result["additions"]["1"]["shards_retrained_mean"] == 1.0  # one record: one shard retrains
     assert "additions vs full retrain" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_forgetting_benchmark_writes_its_keys_and_plot(tmp_path):
+    out = tmp_path / "forgetting.json"
+    cmd = [
+        sys.executable,
+        "scripts/bench_forgetting.py",
+        "--quick",
+        "--json",
+        str(out),
+        "--work",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert 0 < result["time_to_forget_p50_ms"] <= result["time_to_forget_p99_ms"]
+    assert (
+        result["stale_answers_after_ack"] <= 2
+    )  # strict mode, measured: only a same-instant re-check can count
+    assert result["retrains_immediate"] == result["sizes"]["requests"]  # one retrain per request
+    assert 0 < result["retrains_batched"] <= result["sizes"]["shards"]  # at most one per shard
+    assert result["samples_batched"] < result["samples_immediate"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "time to forget under load" in proc.stdout and "simulated day" in proc.stdout

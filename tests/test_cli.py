@@ -109,7 +109,7 @@ def test_delete_by_ids_and_file_with_json_receipt_and_status(project, capsys):
     assert code == 0, err
     receipt = json.loads(out)
     assert receipt["status"] == "applied" and receipt["records_deleted"] == 1
-    assert receipt["request_id"].startswith("del-") and receipt["generation"] == 2
+    assert receipt["request_id"].startswith("del-") and receipt["generation"] == 3
     assert len(receipt["shards_retrained"]) == 1
     (tmp / "ids.txt").write_text("user4@example.com\n\nuser5@example.com\n")
     code, out, err = run_cli(capsys, "delete", "--run", run, "--ids-file", tmp / "ids.txt")
@@ -121,7 +121,7 @@ def test_delete_by_ids_and_file_with_json_receipt_and_status(project, capsys):
     assert code == 0
     st = json.loads(out)
     assert (st["records_active"], st["records_deleted"], st["deletion_requests"]) == (147, 3, 2)
-    assert (st["shards"], st["slices"], st["generation"]) == (2, 2, 3)
+    assert (st["shards"], st["slices"], st["generation"]) == (2, 2, 5)
     assert sum(st["shard_records"]) == 147 and st["deletions_pending"] == 0
     assert 0.0 <= st["test_accuracy"] <= 1.0
     code, out, _ = run_cli(capsys, "status", "--run", run)
@@ -148,12 +148,12 @@ def test_a_deletion_never_scores_status_scores_the_new_generation_lazily(project
     for _ in range(2):  # scored once, then read back
         code, out, _ = run_cli(capsys, "status", "--run", run, "--json")
         st = json.loads(out)
-        assert 0.0 <= st["test_accuracy"] <= 1.0 and st["test_accuracy_generation"] == 2
+        assert 0.0 <= st["test_accuracy"] <= 1.0 and st["test_accuracy_generation"] == 3  # rollback, catch-up
     assert calls == [1]
     kept = json.loads((run / "metrics.json").read_text())
-    assert kept["generation"] == 2 and kept["test_accuracy"] == st["test_accuracy"]
+    assert kept["generation"] == 3 and kept["test_accuracy"] == st["test_accuracy"]
     code, out, _ = run_cli(capsys, "status", "--run", run)
-    assert f"ensemble test accuracy {st['test_accuracy']:.4f} (generation 2)" in out
+    assert f"ensemble test accuracy {st['test_accuracy']:.4f} (generation 3)" in out
 
 
 def one_line_error(code: int, err: str, expected_code: int, message: str) -> None:

@@ -17,7 +17,7 @@ from sisa.cli import main as cli
 from sisa.store.journal import Journal
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
-from sisa.unlearning import delete
+from sisa.unlearning import delete, retrain
 from tests.conftest import assert_runs_identical, small_config, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,9 @@ def test_two_concurrent_deletions_both_apply_and_equal_one_combined_deletion(run
     assert [e["status"] for e in entries] == ["applied", "applied"]
     assert sorted(e["records"] for e in entries) == [1, 2]
     assert_runs_identical(run, runs[1])
-    assert run.manifest()["generation"] == runs[0].manifest()["generation"] + 2
+    assert (
+        run.manifest()["generation"] == runs[0].manifest()["generation"] + 4
+    )  # two requests: a rollback and a catch-up generation each
     m, ref = run.manifest(), runs[1].manifest()
     assert m["shards"] == ref["shards"]
 
@@ -137,11 +139,13 @@ def test_readers_always_see_one_whole_generation(run, runs):
     X = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
     config = run.config()
     expected = {}
-    stages = [runs[0].root, run.root.parent / "g2", run.root.parent / "g3"]
-    shutil.copytree(runs[0].root, stages[1])
-    delete(stages[1], [3, 17])
-    shutil.copytree(stages[1], stages[2])
-    delete(stages[2], [5])
+    # each request: its rollback generation, then its catch-up generation
+    steps = [lambda r: delete(r, [3, 17], defer=True), retrain, lambda r: delete(r, [5], defer=True), retrain]
+    stages = [runs[0].root]
+    for k, step in enumerate(steps):
+        stages.append(run.root.parent / f"g{k + 2}")
+        shutil.copytree(stages[-2], stages[-1])
+        step(stages[-1])
     for root in stages:
         m = RunDir(root).manifest()
         expected[m["generation"]] = Ensemble.from_manifest(root, config, m).shard_probabilities(X, "loop")

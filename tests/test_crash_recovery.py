@@ -76,6 +76,7 @@ def setup(tmp_path_factory) -> Setup:
 PHASES = [
     (r"(write|torn|replace|replaced):journal/", [0, 1, 2, 3]),  # around the acknowledgement
     (r"replaced:journal/", [1]),  # checksums staged in the journal
+    (r"replaced:journal/", [2]),  # rolled back (erased, forgotten): the catch-up retrain comes next
     (r"replaced:tombstones\.arrow$", [0]),  # between the tombstones and the shards' index files
     (r"torn:index/shard-000\.arrow$", [0]),
     (r"replaced:index/shard-001\.arrow$", [0]),
@@ -175,8 +176,29 @@ def assert_like_reference(run: Path, ref: RunDir) -> None:
     assert not idx.active["record_id"].astype(str).isin(DELETE_IDS).any()
 
 
+def served_checkpoints(run: Path) -> dict[int, str]:
+    """What a server reading the run as the crash left it would answer with (journal first, as it reads)."""
+    pending = Journal(run / "journal").pending_shards()
+    m = RunDir(run).manifest()
+    return {
+        e["shard"]: e["checkpoints"][-1]
+        for e in m["shards"]
+        if e["shard"] not in pending and e["checkpoints"]
+    }
+
+
+def assert_serves_only_unseen(run: Path, setup: Setup) -> None:
+    """Before recovery: every checkpoint that would answer never saw a deleted record (the uninterrupted deletion
+    keeps it, as one of the retrained shards' checkpoints 0..k-1 or an untouched shard's)."""
+    ref = {e["shard"]: set(e["checkpoints"]) for e in setup.reference.manifest()["shards"]}
+    for shard, name in served_checkpoints(run).items():
+        assert name in ref[shard], (run, shard, name)
+
+
 def check_trials(setup: Setup, trials: dict[int, Path]) -> None:
     for n, run in trials.items():
+        if n >= setup.acknowledged_from:
+            assert_serves_only_unseen(run, setup)
         recover_with_status(run)
         if n < setup.acknowledged_from:
             assert_unchanged(run, setup.base)

@@ -46,9 +46,9 @@ def test_delete_then_status_and_reload(fitted, tmp_path):
     before = clf.predict_proba(df)
     receipt = clf.delete([0, 1, 2])
     assert receipt["status"] == "applied" and receipt["records_deleted"] == 3
-    assert receipt["generation"] == 2
+    assert receipt["generation"] == 3
     st = clf.status()
-    assert (st["records_active"], st["records_deleted"], st["generation"]) == (597, 3, 2)
+    assert (st["records_active"], st["records_deleted"], st["generation"]) == (597, 3, 3)
     assert (st["shards"], st["slices"], st["model"], st["device"]) == (3, 3, "mlp", "cpu")
     assert st["shards_serving"] == [0, 1, 2] and st["shards_retraining"] == []
     assert sum(st["shard_records"]) == 597 and np.array(st["slice_records"]).sum() == 597

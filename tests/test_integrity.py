@@ -171,7 +171,8 @@ def test_repair_cannot_rebuild_shard_data_and_says_so(run, capsys):
 
 
 def test_repair_finishes_a_deletion_interrupted_by_a_corrupted_checkpoint(run, base, tmp_path):
-    """Damage that appears after the acknowledgement leaves the request pending; repair completes it."""
+    """Damage that appears after the acknowledgement stops the catch-up retrain: the request is rolled back and
+    erased already (the damaged checkpoint is one it resumes from); repair completes it."""
     reference = tmp_path / "ref"
     shutil.copytree(base.root, reference)
     delete(reference, [3, 17])
@@ -181,16 +182,17 @@ def test_repair_finishes_a_deletion_interrupted_by_a_corrupted_checkpoint(run, b
 
     with pytest.raises(IntegrityError, match=r"shard-001/slice-001-.*model\.safetensors"):
         delete(run.root, [3, 17], on_ack=damage)
-    assert len(Journal(run.journal_dir).pending()) == 1
+    assert [e["status"] for e in Journal(run.journal_dir).entries()] == ["rolled_back"]
     report = repair(run.root)
     assert len(report["deletions_replayed"]) == 1 and report["checkpoints_rebuilt"]
-    assert Journal(run.journal_dir).pending() == []
+    assert [e["status"] for e in Journal(run.journal_dir).entries()] == ["applied"]
     assert_runs_identical(run, RunDir(reference))
 
 
 def test_recovery_never_trains_on_a_data_file_damaged_after_the_acknowledgement(run, capsys):
     """The deletion is cut short right after its acknowledgement (as by kill -9) and a slice file is damaged:
-    the replay reads the shard from disk and refuses it; nothing is trained, the request stays pending."""
+    the replay rolls back and erases (that needs only the affected slice), then reads the shard from disk to catch
+    up and refuses it; nothing is trained, the request stays rolled back."""
     index = run.index().active
     rid = index.loc[(index["shard"] == 0) & (index["slice"] == 2), "record_id"].iloc[0]
     before = run.manifest()
@@ -203,7 +205,14 @@ def test_recovery_never_trains_on_a_data_file_damaged_after_the_acknowledgement(
         delete(run.root, [rid], on_ack=crash)
     assert cli.main(["status", "--run", str(run.root)]) == 5  # recovery refuses
     assert f"integrity check failed for {run.slice_path(0, 1)}" in capsys.readouterr().err
-    assert len(Journal(run.journal_dir).pending()) == 1 and run.manifest() == before
+    # the rollback needs no damaged file (slice 1 is unchanged): the request is erased, nothing was trained
+    assert [e["status"] for e in Journal(run.journal_dir).entries()] == ["rolled_back"]
+    after = {e["shard"]: e for e in run.manifest()["shards"]}
+    assert (
+        after[0]["rolled_back"]["slice"] == 2
+        and after[0]["checkpoints"] == before["shards"][0]["checkpoints"][:2]
+    )
+    assert after[1] == before["shards"][1]
 
 
 def test_a_file_damaged_during_a_deletion_is_not_trained_on_and_is_reported(run, capsys):

@@ -90,3 +90,37 @@ def test_adding_records_runs_as_written(tmp_path, monkeypatch, capsys):
             assert kinds == ["add", "delete", "add"]
         if argv[1] == "verify":
             assert out.splitlines()[-1].startswith("verified 3 shard(s)")
+
+
+def test_forget_now_retrain_later_runs_as_written(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    (lang1, config), (lang2, steps) = section_blocks("Forget now, retrain later")
+    assert (lang1, lang2) == ("yaml", "bash")
+    monkeypatch.chdir(tmp_path)
+    Path("toy.yaml").write_text(config)
+    outputs = {}
+    for argv in commands(steps):
+        if argv[0] == "python":
+            exec(argv[2], {})
+            continue
+        assert argv[0] == "sisa", argv
+        if argv[1] == "serve":
+            from fastapi.testclient import TestClient
+
+            from sisa.serving.app import create_app
+            from sisa.serving.server import Server
+
+            rt = [argv[i + 1] for i, w in enumerate(argv) if w == "--set"]
+            with TestClient(create_app(Server(argv[argv.index("--run") + 1], runtime=rt))) as c:
+                assert c.get("/status").json()["shards_rolled_back"] == []
+            continue
+        code = main(argv[1:])
+        out, err = capsys.readouterr()
+        assert code == 0, (argv, err)
+        outputs.setdefault(argv[1], []).append(out)
+    assert "rolled back, retrain pending" in outputs["delete"][0]
+    assert re.search(r"shard \d: (rolled back to slice \d|out \(slice 0 hit\)) since ", outputs["status"][0])
+    assert "test accuracy" in outputs["status"][0]
+    assert "rolled back to slice" in outputs["verify"][0] or "out until caught up" in outputs["verify"][0]
+    assert outputs["retrain"][0] == "nothing to retrain: no shard is due\n"
+    assert outputs["retrain"][1].startswith("caught up shard(s) ")

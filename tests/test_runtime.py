@@ -62,6 +62,10 @@ def test_runtime_keys_leave_the_digest_alone_and_other_keys_are_refused_all_at_o
         "aggregation.inference=stacked",
         "aggregation.method=hard",
         "aggregation.weights=[1, 2, 3]",
+        "unlearning.retrain=batched",
+        "unlearning.max_delay=6h",
+        "unlearning.max_accuracy_drop=0.02",
+        "unlearning.deadline=14d",
     ],
 )
 def test_every_runtime_key_is_outside_the_digest(override):

@@ -93,13 +93,13 @@ def _wait_applied(client, request_id: str, timeout: float = 30.0) -> dict:
 def held_retrain(monkeypatch):
     """Make every deletion stop after its journal entry (acknowledged) until ``release`` is set."""
     release = threading.Event()
-    real = unlearning.apply_entry
+    real = unlearning.roll_back
 
     def slow(*args, **kw):
         assert release.wait(30), "test never released the retrain"
         return real(*args, **kw)
 
-    monkeypatch.setattr(unlearning, "apply_entry", slow)
+    monkeypatch.setattr(unlearning, "roll_back", slow)
     yield release
     release.set()
 
@@ -301,9 +301,9 @@ def test_accepted_deletion_excludes_its_shards_until_retrained(client, run_dir, 
     assert client.get(f"/deletions/{accepted['request_id']}", headers=AUTH).json()["status"] == "pending"
     held_retrain.set()
     done = _wait_applied(client, accepted["request_id"])
-    assert done["receipt"]["generation"] == 2 and done["receipt"]["records_deleted"] == 2
+    assert done["receipt"]["generation"] == 3 and done["receipt"]["records_deleted"] == 2
     after = client.post("/predict", json=rows).json()
-    assert (after["generation"], after["shards"]) == (2, [0, 1, 2, 3])
+    assert (after["generation"], after["shards"]) == (3, [0, 1, 2, 3])
     expected = SisaClassifier.load(run_dir).predict_proba(data.iloc[:8])
     assert np.array_equal(_probabilities(after, ["a", "b", "c"]), expected)
     again = client.post("/deletions", json={"record_ids": victims}, headers=AUTH)
@@ -338,7 +338,7 @@ def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pr
     """A disk error after the acknowledgement: the shard stays out and the error is shown; the worker replays the
     deletion by itself (twice failing, then applied), with no restart and no further deletion."""
     monkeypatch.setattr(serving_worker, "RETRY_FIRST_S", 0.05)
-    real, calls = unlearning.apply_entry, []
+    real, calls = unlearning.roll_back, []
 
     def flaky(*args, **kw):
         calls.append(time.monotonic())
@@ -346,8 +346,8 @@ def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pr
             raise OSError(28, "No space left on device")
         return real(*args, **kw)
 
-    monkeypatch.setattr(unlearning, "apply_entry", flaky)  # the request's own retrain
-    monkeypatch.setattr(session, "apply_entry", flaky)  # the worker's replays
+    monkeypatch.setattr(unlearning, "roll_back", flaky)  # the request's own retrain
+    monkeypatch.setattr(session, "roll_back", flaky)  # the worker's replays
     victim = _ids_in_shards(run_dir, [2])
     with TestClient(create_app(run_dir, ServerSettings(token=TOKEN))) as client:
         r = client.post("/deletions", json={"record_ids": victim}, headers=AUTH)
@@ -368,7 +368,7 @@ def test_a_failed_retrain_is_replayed_with_backoff_until_it_succeeds(run_dir, pr
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert gaps[2] >= 0.2 - 0.01 and gaps[1] >= 0.1 - 0.01  # waits double: 0.05, 0.1, 0.2
     reference = RunDir(shutil.copytree(pristine, run_dir.parent / "reference"))
-    monkeypatch.setattr(unlearning, "apply_entry", real)
+    monkeypatch.setattr(unlearning, "roll_back", real)
     unlearning.delete(reference.root, victim)
     assert_runs_identical(RunDir(run_dir), reference)
 
@@ -427,7 +427,7 @@ def test_deletion_by_another_process_is_honoured(client, run_dir):
     unlearning.delete(run_dir, [victim], on_ack=on_ack)
     assert seen["during"]["shards"] == [0, 1, 3] and seen["during"]["generation"] == 1
     after = client.post("/predict", json={"instances": [[0.0] * 6]}).json()
-    assert (after["generation"], after["shards"]) == (2, [0, 1, 2, 3])
+    assert (after["generation"], after["shards"]) == (3, [0, 1, 2, 3])
 
 
 def test_start_replays_a_deletion_left_pending_by_a_crash(run_dir):
@@ -442,8 +442,8 @@ def test_start_replays_a_deletion_left_pending_by_a_crash(run_dir):
     with TestClient(create_app(run_dir)) as c:
         assert c.app.state.sisa.state.recovered[0]["records_deleted"] == 1
         st = c.get("/status").json()
-        assert (st["generation"], st["deletions_pending"], st["shards_serving"]) == (2, 0, [0, 1, 2, 3])
-        assert c.get("/health").json() == {"status": "ok", "generation": 2, "shards_serving": 4}
+        assert (st["generation"], st["deletions_pending"], st["shards_serving"]) == (3, 0, [0, 1, 2, 3])
+        assert c.get("/health").json() == {"status": "ok", "generation": 3, "shards_serving": 4}
 
 
 def test_delete_by_subject_over_http(tmp_path):

@@ -183,7 +183,8 @@ def test_predictions_under_a_stream_of_deletions(server):
     assert not failed, failed[:5]
     assert len(ok) > 50, f"only {len(ok)} successful predictions"
     assert [d.shards for d in deletions] == [frozenset(s) for s in plan]
-    # strict mode: after acceptance, an affected shard only serves again from its retrained generation on
+    # strict mode: after acceptance, an affected shard only serves again from its rollback generation on (the
+    # checkpoint before the records' slice), then from its retrained one
     for d in deletions:
         for p in ok:
             if p.sent > d.accepted and p.generation < d.generation:
@@ -191,7 +192,7 @@ def test_predictions_under_a_stream_of_deletions(server):
     assert any(len(p.shards) < 4 for p in ok), "no prediction was ever answered by a reduced ensemble"
     # once every deletion is seen applied, the whole retrained ensemble answers again
     last = [p for p in ok if p.sent > all_applied]
-    assert last and all((p.generation, p.shards) == (len(plan) + 1, (0, 1, 2, 3)) for p in last)
+    assert last and all((p.generation, p.shards) == (2 * len(plan) + 1, (0, 1, 2, 3)) for p in last)
     expected = SisaClassifier.load(run.root).predict_proba(data.iloc[:16])
     got = np.array([[row[c] for c in ("a", "b", "c")] for row in last[-1].probabilities], dtype=np.float32)
     assert np.array_equal(got, expected)
@@ -218,6 +219,6 @@ def _wait_applied(http: httpx.Client, request_id: str, deadline: float) -> int:
     while time.monotonic() < deadline:
         body = http.get(f"/deletions/{request_id}").json()
         if body["status"] == "applied":
-            return body["receipt"]["generation"]
+            return body["receipt"]["rollback_generation"]
         time.sleep(0.05)
     raise AssertionError(f"deletion {request_id} was accepted but not applied in time")

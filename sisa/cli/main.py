@@ -18,6 +18,9 @@ from .audit import HANDLERS as AUDIT_HANDLERS
 from .audit import add_parsers as add_audit_parsers
 from .intake import HANDLERS as INTAKE_HANDLERS
 from .intake import add_parsers as add_intake_parsers
+from .retraining import HANDLERS as RETRAIN_HANDLERS
+from .retraining import add_parsers as add_retrain_parsers
+from .retraining import shard_line, utc
 from .tables import HANDLERS as TABLE_HANDLERS
 from .tables import add_parsers as add_table_parsers
 
@@ -45,6 +48,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     **AUDIT_HANDLERS,
     **TABLE_HANDLERS,
     **INTAKE_HANDLERS,
+    **RETRAIN_HANDLERS,
 }
 RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
 
@@ -108,8 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     dup.add_argument(
         "--delete-duplicates", action="store_true", help="delete such duplicates in the same request"
     )
+    d.add_argument(
+        "--defer",
+        action="store_true",
+        help="journal, roll the shards back and erase now; leave the retrain to the policy or `sisa retrain`",
+    )
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
     _runtime_option(d)
+
+    add_retrain_parsers(sub, _shard_option, _runtime_option)  # retrain
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
@@ -247,7 +258,7 @@ def _delete(a: argparse.Namespace) -> int:
     ids = list(a.ids) + _read_ids(a.ids_file)
     subjects = list(a.subjects) + _read_ids(a.subjects_file)
     dupes = "delete" if a.delete_duplicates else "report" if a.check_duplicates else "ignore"
-    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime)
+    receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime, defer=a.defer)
     if a.json:
         print(json.dumps(receipt, indent=1, default=str))
     elif receipt["status"] == "already_deleted":
@@ -268,6 +279,18 @@ def _delete(a: argparse.Namespace) -> int:
 
 
 def _print_receipt(r: dict) -> None:
+    if r["status"] == "rolled_back":
+        print(
+            f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten and erased "
+            f"(rolled back, retrain pending), generation {r['generation']}, {r['rollback_seconds']} s"
+        )
+        for s, k in r["shards_rolled_back"].items():
+            print(
+                f"  shard {s}: "
+                + (f"serving slice {int(k) - 1} (rolled back to slice {k})" if int(k) else "out")
+            )
+        print(f"  retrain deadline {utc(r['retrain_deadline'])}")
+        return
     print(
         f"deletion receipt {r['request_id']}: {r['records_deleted']} record(s) forgotten, "
         f"generation {r['generation']}, {r['seconds']} s"
@@ -309,6 +332,9 @@ def _status(a: argparse.Namespace) -> int:
     )
     if acc is not None:
         print(f"ensemble test accuracy {acc:.4f} (generation {st['test_accuracy_generation']})")
+    for e in st["shard_states"]:
+        if e["state"] != "latest":
+            print(f"  shard {e['shard']}: {shard_line(e)}")
     return 0
 
 
@@ -333,11 +359,18 @@ def _verify(a: argparse.Namespace) -> int:
         chain = (
             ""
             if c.fingerprint == c.recomputed_fingerprint
-            else f" != recomputed {c.recomputed_fingerprint[:12]}"
+            else f" != recomputed {(c.recomputed_fingerprint or '-')[:12]}"
+        )
+        rolled = (
+            ""
+            if c.rolled_back_to is None
+            else f", rolled back to slice {c.rolled_back_to} (certified as trained on slices 0..{c.rolled_back_to - 1})"
+            if c.rolled_back_to
+            else ", out until caught up (rolled back before slice 0: no model)"
         )
         print(
-            f"shard {c.shard}: {c.records} records, fingerprint {c.fingerprint[:12]}{chain}, "
-            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict} ({c.seconds:.2f} s)"
+            f"shard {c.shard}: {c.records} records, fingerprint {(c.fingerprint or '-')[:12]}{chain}, "
+            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict}{rolled} ({c.seconds:.2f} s)"
         )
     bad = [c.shard for c in certs if not c.ok]
     if bad:

@@ -103,13 +103,13 @@ def check_erasure(
 
 def _check_journal(run: RunDir, index) -> Check:
     entries = Journal(run.journal_dir).entries()
-    pending = [e["request_id"] for e in entries if e["status"] != "applied"]
+    pending = [e["request_id"] for e in entries if e["status"] == "pending"]
     # a record or subject readmitted later (an addition with allow_returning) is active again, untombstoned
     tomb = set(index.tombstones["id_hash"]) | {h for e in entries for h in e.get("readmitted", [])}
-    missing = [
+    missing = [  # a rolled-back request is erased already; only its retrain is to come (§4.2)
         e["request_id"]
         for e in entries
-        if e["status"] == "applied" and kind_of(e) == "delete" and not set(e["id_hashes"]) <= tomb
+        if e["status"] != "pending" and kind_of(e) == "delete" and not set(e["id_hashes"]) <= tomb
     ]
     plain = [
         e["request_id"]
@@ -123,7 +123,9 @@ def _check_journal(run: RunDir, index) -> Check:
         for what, ids in (("pending", pending), ("not tombstoned", missing), ("holding non-hash IDs", plain))
         if ids
     ]
-    ok_text = f"{len(entries)} request(s), all applied, keyed hashes only, every deleted ID tombstoned"
+    rolled = sum(e["status"] == "rolled_back" for e in entries)
+    state = f"all applied or rolled back ({rolled} retrain(s) to come)" if rolled else "all applied"
+    ok_text = f"{len(entries)} request(s), {state}, keyed hashes only, every deleted ID tombstoned"
     staged = [
         e["request_id"]
         for e in entries
@@ -196,6 +198,8 @@ def _check_checkpoints(run: RunDir, config: Config, manifest: dict, frames: dict
             continue
         fps = fingerprints(config.digest(), shard, frames[shard], config.sharding.slices)
         expected = [checkpoint_name(k, fp) for k, fp in enumerate(fps)]
+        if entries[shard].get("rolled_back"):  # serving checkpoint k-1: only 0..k-1 may remain (§4.2)
+            expected = expected[: entries[shard]["rolled_back"]["slice"]]
         if entries[shard]["checkpoints"] != expected:
             problems.append(f"shard {shard}: manifest names checkpoints the stored data does not give")
         for ck in sorted(folder.iterdir()):

@@ -1,6 +1,7 @@
 """The request log: one row per deletion or addition request (``kind``), from the journal, in arrival order.
 
-Each row says when a request was made and applied (UTC, ISO 8601), how many records and data subjects it
+Each row says when a request was made, forgotten (rolled back and erased: no model that saw it answers) and
+applied (caught up: the retrain restored the accuracy) (UTC, ISO 8601), how many records and data subjects it
 forgot, which shards and slices were retrained at what cost, and its status (``pending`` until it is applied;
 a pending request is being applied, or will be replayed by the next command). The journal holds keyed hashes
 only, so the log never names a record.
@@ -22,6 +23,7 @@ COLUMNS = [
     "request_id",
     "kind",
     "requested_utc",
+    "forgotten_utc",
     "applied_utc",
     "status",
     "records",
@@ -49,6 +51,7 @@ def _row(entry: dict) -> dict:
         "request_id": entry["request_id"],
         "kind": kind_of(entry),
         "requested_utc": _utc(entry["created"]),
+        "forgotten_utc": _utc(entry["rolled_back"]) if "rolled_back" in entry else None,
         "applied_utc": _utc(entry["applied"]) if "applied" in entry else None,
         "status": entry["status"],
         "records": int(entry["records"]),

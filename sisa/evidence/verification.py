@@ -36,13 +36,14 @@ class Certificate:
 
     shard: int
     records: int
-    fingerprint: str  # the live manifest's (last slice)
-    recomputed_fingerprint: str  # from the stored data now
+    fingerprint: str | None  # the live manifest's (last named slice; None: rolled back before slice 0)
+    recomputed_fingerprint: str | None  # from the stored data now
     checkpoints_compared: int
     bit_identical: bool
     max_abs_diff: float  # 0.0 when identical
     differing: list[str] = field(default_factory=list)  # "slice-001-…/model.safetensors:net.0.weight"
     seconds: float = 0.0
+    rolled_back_to: int | None = None  # k: certified as trained from scratch on slices 0..k-1 only
 
     @property
     def ok(self) -> bool:
@@ -145,6 +146,10 @@ def _compare(
     run: RunDir, entry: dict, job: ShardJob, scratch: Path, records: int, seconds: float
 ) -> Certificate:
     names = [checkpoint_name(k, fp) for k, fp in enumerate(job.fingerprints)]
+    rolled = entry.get("rolled_back")
+    if rolled:  # it serves checkpoint k-1: compared with training from scratch on its slices 0..k-1 (§4.2)
+        names = names[: rolled["slice"]]
+    recomputed = job.fingerprints[len(names) - 1] if names else None
     differing, max_diff = [], 0.0
     if names != entry["checkpoints"]:
         differing.append("checkpoint chain: the manifest names other fingerprints than the stored data gives")
@@ -163,8 +168,9 @@ def _compare(
         shard=job.shard,
         records=records,
         fingerprint=entry["fingerprint"],
-        recomputed_fingerprint=job.fingerprints[-1],
+        recomputed_fingerprint=recomputed,
         checkpoints_compared=len(entry["checkpoints"]),
+        rolled_back_to=rolled["slice"] if rolled else None,
         bit_identical=not differing,
         max_abs_diff=max_diff,
         differing=differing,

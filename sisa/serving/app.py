@@ -82,9 +82,8 @@ def create_app(server: Server | str | Path, settings: ServerSettings | None = No
             X = raw_instances_matrix(body.instances, state.encoder, state.settings.max_batch)
         else:
             X = instances_matrix(body.instances, state.feature_names, state.settings.max_batch)
-        snap = state.snapshot()  # one snapshot reference for the whole computation
-        try:
-            proba = snap.predict_proba(X)
+        try:  # one snapshot for the whole computation; recomputed if a deletion took one of its models out
+            snap, proba = state.predict(X)
         except DataError as exc:  # e.g. |x| near float32 max overflows the logits
             raise ApiError(422, exc.problems[0]) from None
         rows = proba.tolist()

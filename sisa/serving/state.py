@@ -31,6 +31,7 @@ from torch import nn
 
 from ..aggregation import Ensemble
 from ..exceptions import SisaError
+from ..retraining import rolled_back_shards, shard_states
 from ..session import recover
 from ..store.checkpoints import load_checkpoint
 from ..store.journal import PENDING, Journal, kind_of
@@ -116,6 +117,11 @@ class Snapshot:
             return ensemble.predict_proba(X)
 
 
+def served_names(snap: Snapshot) -> dict[int, str]:
+    entries = {e["shard"]: e for e in snap.manifest["shards"]}
+    return {s: entries[s]["checkpoints"][-1] for s in snap.shards}
+
+
 class ServingState:
     """The run directory as the server sees it: the current snapshot, the model cache, acknowledged deletions."""
 
@@ -139,6 +145,7 @@ class ServingState:
         self._lock = threading.Lock()
         self._models: dict[int, tuple[str, nn.Module]] = {}  # shard -> (checkpoint name, model)
         self._acked: dict[str, frozenset[int]] = {}  # accepted here, not yet applied
+        self._states: tuple | None = None  # (generation, excluded) -> shard states
         self._snapshot = self._build()
 
     # ---- snapshots ----------------------------------------------------------------------------------------
@@ -157,6 +164,31 @@ class ServingState:
             if force or snap.recheck or self._stamp() != snap.stamp:
                 self._snapshot = self._build()
             return self._snapshot
+
+    def predict(self, X) -> tuple[Snapshot, object]:
+        """Probabilities and the snapshot they come from, recomputed (at most twice more) when a deletion
+        acknowledged meanwhile took a model it used out of serving: an answer finished after an acknowledgement
+        never comes from a model that saw the deleted records, even one that was computing at that moment."""
+        for _ in range(3):
+            snap = self.snapshot()
+            proba = snap.predict_proba(X)
+            if self.still_serves(snap):
+                return snap, proba
+        return self.predict_strict(X)
+
+    def predict_strict(self, X) -> tuple[Snapshot, object]:
+        """Under the lock, so no exclusion can land while it computes (the last resort of :meth:`predict`)."""
+        with self._lock:
+            snap = self._snapshot
+            return snap, snap.predict_proba(X)
+
+    def still_serves(self, snap: Snapshot) -> bool:
+        """Every model of ``snap`` is still one the current snapshot serves (same shard, same checkpoint)."""
+        cur = self._snapshot
+        if cur is snap:
+            return True
+        names = served_names(cur)
+        return all(names.get(s) == n for s, n in served_names(snap).items())
 
     def exclude(self, request_id: str, shards: set[int]) -> None:
         """Stop the shards voting now (called from ``on_ack``, after the journal fsync)."""
@@ -186,8 +218,10 @@ class ServingState:
         """Read manifest + journal and assemble a snapshot. Caller holds ``_lock`` (or is ``__init__``)."""
         now = time.time_ns()
         stamp = self._stamp()
-        manifest = self.run.require_manifest()
+        # the journal before the manifest: a request is marked rolled back only after its rolled-back manifest is
+        # in place, so a shard whose request reads as rolled back is never served from an older generation
         entries = self.journal.entries()
+        manifest = self.run.require_manifest()
         applied = {e["request_id"] for e in entries if e["status"] != PENDING}
         self._acked = {r: s for r, s in self._acked.items() if r not in applied}
         excluded = {  # strict mode: a pending deletion's shards; a pending addition's shards never saw its rows
@@ -197,8 +231,8 @@ class ServingState:
         models, failed = {}, False
         for entry in manifest["shards"]:
             s = entry["shard"]
-            if s in excluded or entry["records"] == 0:
-                continue
+            if s in excluded or entry["records"] == 0 or not entry["checkpoints"]:
+                continue  # retraining, empty, or rolled back to before its first slice (out until caught up)
             try:
                 models[s] = self._model(entry)
             except (SisaError, OSError) as exc:  # e.g. a writer replaced the generation while we read it
@@ -216,7 +250,8 @@ class ServingState:
         )
 
     def _model(self, entry: dict) -> nn.Module:
-        """The shard's last-slice model, loaded (and verified) once per checkpoint."""
+        """The shard's last named checkpoint (its last slice; for a rolled-back shard the one before its earliest
+        affected slice), loaded (and verified) once per checkpoint."""
         s, name = entry["shard"], entry["checkpoints"][-1]
         cached = self._models.get(s)
         if cached is not None and cached[0] == name:
@@ -239,8 +274,10 @@ class ServingState:
             "run": str(self.run.root),
             "generation": snap.generation,
             "shards": len(shards),
-            "shards_serving": snap.shards,
+            "shards_serving": snap.shards,  # rolled back or not: every shard that answers
             "shards_retraining": sorted(snap.excluded),
+            "shards_rolled_back": sorted(rolled_back_shards(snap.manifest)),
+            "shard_states": self._shard_states(snap),
             "shards_empty": [e["shard"] for e in shards if e["records"] == 0],
             "records_active": sum(e["records"] for e in shards),
             "shard_records": [e["records"] for e in shards],
@@ -257,6 +294,13 @@ class ServingState:
             "max_batch": self.settings.max_batch,
         }
 
+    def _shard_states(self, snap: Snapshot) -> list[dict]:
+        """Per shard: latest / rolled back (test accuracy before and now) / out; computed once per generation."""
+        key = (snap.generation, snap.excluded)
+        if self._states is None or self._states[0] != key:
+            self._states = (key, shard_states(self.run, snap.manifest, set(snap.excluded)))
+        return self._states[1]
+
     def deletion(self, request_id: str, error: str | None = None, kind: str = "delete") -> dict:
         """A request's status; ``error``: why its retrain failed so far (pending requests only). ``kind``:
         ``delete`` (GET /deletions/...) or ``add`` (GET /records/...)."""
@@ -272,8 +316,9 @@ class ServingState:
             "created": entry["created"],
         }
         if entry["status"] != PENDING:
-            out["applied"] = entry.get("applied")
-            out["receipt"] = entry.get("receipt")
+            out["forgotten"] = entry.get("rolled_back")  # erased; answered only by models that never saw it
+            out["applied"] = entry.get("applied")  # caught up (None while the retrain is to come)
+            out["receipt"] = entry.get("receipt") or entry.get("rollback")
         elif error is not None:
             out["error"] = error
         return out

@@ -1,9 +1,12 @@
 """The server's deletion worker: ONE thread that applies accepted deletions and additions in arrival order.
 
-Each :class:`DeletionJob` is one ``POST /deletions`` (or, with ``rows``, one ``POST /records``: an addition, journaled
-by :func:`sisa.intake.add`; its shards keep serving, since the live models never saw the new rows). A deletion is
-validated and journaled when its turn comes (through :func:`sisa.unlearning.delete`, whose ``on_ack`` hook excludes the affected shards from serving before the 202 goes
-out), then retrained. A retrain that fails after the acknowledgement is replayed with backoff.
+Each :class:`DeletionJob` is one ``POST /deletions`` (or, with ``rows``, one ``POST /records``: an addition,
+journaled by :func:`sisa.intake.add`; its shards keep serving, since the live models never saw the new rows). A
+deletion is validated and journaled when its turn comes (through :func:`sisa.unlearning.delete`, whose ``on_ack``
+hook excludes the affected shards from serving before the 202 goes out), then rolled back (the shards serve the
+checkpoint before the records' slice from then on) and retrained when the retrain policy says
+(:mod:`sisa.retraining`; the worker wakes up when the next rolled-back shard falls due). A retrain that fails
+after the acknowledgement is replayed with backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..intake import add
+from ..retraining import next_due
 from ..session import recover
 from ..store.journal import Journal, new_request_id
 from ..store.rundir import RunDir
@@ -67,6 +71,7 @@ class DeletionWorker:
         self._thread: threading.Thread | None = None
         self._retry_at: float | None = None  # monotonic time of the next replay of failed deletions
         self._retry_delay = RETRY_FIRST_S
+        self._policy_at: float | None = None  # monotonic time the retrain policy next makes a shard due
 
     def start(self) -> None:
         with self._lock:
@@ -101,12 +106,17 @@ class DeletionWorker:
 
     def _loop(self) -> None:
         _warm_up()
+        self._plan_policy()
         while True:
-            wait = None if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
+            times = [t for t in (self._retry_at, self._policy_at) if t is not None]
+            wait = None if not times else max(0.0, min(times) - time.monotonic())
             try:
                 job = self._queue.get(timeout=wait)
             except queue.Empty:
-                self._retry()
+                if self._retry_at is not None and self._retry_at <= time.monotonic():
+                    self._retry()
+                else:
+                    self._run_policy()
                 continue
             if job is None:
                 return
@@ -150,6 +160,9 @@ class DeletionWorker:
                     job.subject_ids,
                     wait_s=self.wait_s,
                     on_ack=on_ack,
+                    on_rollback=lambda entry: self.gate.applied(
+                        entry["request_id"]
+                    ),  # serve the rollback now
                     request_id=job.request_id,
                     runtime=self.run.runtime,
                 )
@@ -168,6 +181,30 @@ class DeletionWorker:
             self.errors.pop(job.request_id, None)
             self.gate.applied(job.request_id)
         self._settle()  # a deletion replays every earlier pending one first
+        self._plan_policy()
+
+    def _plan_policy(self) -> None:
+        """When to wake up for the next rolled-back shard the retrain policy makes due (batched, deadline)."""
+        try:
+            wait = next_due(self.run)
+        except Exception as exc:  # only a schedule: the next deletion plans again
+            log.warning("could not plan the next catch-up retrain: %s", exc)
+            wait = None
+        self._policy_at = None if wait is None else time.monotonic() + max(wait, 0.05)
+
+    def _run_policy(self) -> None:
+        """Run the retrains the policy says are due (a recovery does exactly that), then plan the next."""
+        self._policy_at = None
+        try:
+            recover(self.run)
+        except Exception as exc:
+            log.warning(
+                "catch-up retrain failed (shards keep serving their rolled-back checkpoints): %s", exc
+            )
+            self._policy_at = time.monotonic() + RETRY_MAX_S
+            return
+        self.gate.applied("")  # re-read the run: caught-up shards serve their latest checkpoints
+        self._plan_policy()
 
     def _schedule_retry(self) -> None:
         self._retry_at = time.monotonic() + self._retry_delay

@@ -16,6 +16,7 @@ from pathlib import Path
 from .files import atomic_write_json, read_json
 
 PENDING, APPLIED = "pending", "applied"
+ROLLED_BACK = "rolled_back"  # erased and served by the checkpoint before its slice; retrain to come (§4.2)
 
 
 def new_request_id(prefix: str = "del") -> str:
@@ -80,6 +81,12 @@ class Journal:
                 out.setdefault(name, set()).add(sha)
         return out
 
+    def roll_back(self, entry: dict, rollback: dict) -> dict:
+        """Record (durably) that the request is erased and its shards rolled back: it is forgotten now."""
+        done = {**entry, "status": ROLLED_BACK, "rolled_back": time.time(), "rollback": rollback}
+        atomic_write_json(self.path(entry["request_id"]), done)
+        return done
+
     def complete(self, entry: dict, receipt: dict) -> dict:
         done = {**entry, "status": APPLIED, "applied": time.time(), "receipt": receipt}
         atomic_write_json(self.path(entry["request_id"]), done)
@@ -98,6 +105,10 @@ class Journal:
 
     def pending(self) -> list[dict]:
         return [e for e in self.entries() if e["status"] == PENDING]
+
+    def rolled_back(self) -> list[dict]:
+        """Requests forgotten (rolled back, erased) whose catch-up retrain has not finished."""
+        return [e for e in self.entries() if e["status"] == ROLLED_BACK]
 
     def pending_shards(self) -> set[int]:
         """Shards that must not serve: some acknowledged deletion touching them is not yet applied (a pending
