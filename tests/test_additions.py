@@ -137,6 +137,30 @@ def test_interleaved_adds_and_deletes_equal_one_training(tmp_path, tabular):
     assert check_erasure(run.root, [str(i) for i in d + a1[:1]], tabular).ok
 
 
+def test_an_addition_into_a_rolled_back_shard_catches_it_up_exactly(tmp_path, tabular):
+    """delete --defer rolls shard 1 back (its retrain waits); an addition into that shard retrains it once from the
+    earlier of the two slices, and the deferred request is then settled as applied: from scratch on what is left."""
+    cfg = small_config()
+    full = train_run(tmp_path / "full", tabular, cfg)
+    d, a = rows_at(full, 1, 2)[:1], rows_at(full, 1, 1)[:2]
+    run = train_run(tmp_path / "run", without(tabular, a), cfg)
+    forgot = delete(run.root, d, defer=True)
+    assert forgot["status"] == "rolled_back"
+    entry = next(e for e in run.manifest()["shards"] if e["shard"] == 1)
+    assert entry["rolled_back"]["slice"] == 2 and len(entry["checkpoints"]) == 2
+    receipt = add(run.root, tabular.loc[tabular["record_id"].isin(a)])
+    assert receipt["shards_retrained"] == {"1": 1}
+    assert "rolled_back" not in next(e for e in run.manifest()["shards"] if e["shard"] == 1)
+    ref = train_run(tmp_path / "ref", without(tabular, d), cfg)
+    assert_runs_identical(run, ref)
+    assert_predictions_identical(run, ref, feature_matrix(tabular))
+    assert cli.main(["status", "--run", str(run.root)]) == 0  # a reader settles the deferred request
+    statuses = {e["kind"]: e["status"] for e in Journal(run.journal_dir).entries()}
+    assert statuses == {"delete": "applied", "add": "applied"}
+    assert [c.ok and c.bit_identical for c in verify(run.root)] == [True] * 3
+    assert check_erasure(run.root, [str(i) for i in d], tabular).ok
+
+
 def test_a_new_row_of_a_known_subject_joins_its_shard_and_slice(tmp_path):
     people = make_subjects(400, 40, seed=3, n_features=6)
     cfg = small_config(data={"subject_column": "subject_id"})
