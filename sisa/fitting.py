@@ -62,6 +62,22 @@ def resolve_config(config: Config, table: Table) -> Config:
     return resolved
 
 
+def placement_of(config: Config, table: Table) -> pd.DataFrame:
+    """Shard, slice and order key of each row by the training rule: keyed on the subject ID when the run has
+    subjects, else on the record ID (training and additions both place rows here)."""
+    keys = table.subjects if table.subjects is not None else table.ids
+    return place(
+        keys,
+        table.ids,
+        shards=config.sharding.shards,
+        slices=config.sharding.slices,
+        seed=config.training.seed,
+        strategy=config.sharding.strategy,
+        labels=table.labels,
+        deletion_prob=table.deletion_prob,
+    )
+
+
 def create_run(
     root: str | Path, config: Config, table: Table, placement: pd.DataFrame | None = None
 ) -> RunDir:
@@ -73,18 +89,8 @@ def create_run(
     """
     run = RunDir(root)
     run.create(config)
-    keys = table.subjects if table.subjects is not None else table.ids
     if placement is None:
-        placement = place(
-            keys,
-            table.ids,
-            shards=config.sharding.shards,
-            slices=config.sharding.slices,
-            seed=config.training.seed,
-            strategy=config.sharding.strategy,
-            labels=table.labels,
-            deletion_prob=table.deletion_prob,
-        )
+        placement = placement_of(config, table)
     S, R = config.sharding.shards, config.sharding.slices
     run.write_files(RecordIndex.build(table.ids, placement, table.subjects).to_bytes(range(S)))
     shard_of = placement["shard"].to_numpy()

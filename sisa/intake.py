@@ -2,7 +2,7 @@
 
 :func:`add` validates the new rows against the run's frozen config exactly as training did (every problem at once,
 nothing changed), refuses rows a deletion forgot (their record ID, subject ID or content is tombstoned by keyed
-hash) unless ``allow_returning``, places each row by the training rule (:func:`sisa.sharding.place` with the run's
+hash) unless ``allow_returning``, places each row by the training rule (:func:`sisa.fitting.placement_of` with the run's
 seed: a new row of a known subject joins that subject's shard and slice), stages the placed rows in the run
 directory (``incoming/<request id>.arrow``, fsynced), journals the request (keyed hashes only; from then on it is
 acknowledged) and hands it to :func:`sisa.addition.apply_addition`.
@@ -19,8 +19,9 @@ import pandas as pd
 from .addition import apply_addition
 from .config import Config
 from .exceptions import DataError, ReturningRecordError, UsageError
+from .fitting import placement_of
 from .session import writer_session
-from .sharding import VOLATILE_THRESHOLD, place
+from .sharding import VOLATILE_THRESHOLD
 from .store.files import atomic_write_bytes, fsync_dir, sha256_bytes
 from .store.index import RecordIndex, coerce_ids, keyed_id_hashes
 from .store.journal import Journal, new_request_id
@@ -160,17 +161,7 @@ def _as_type(values: pd.Series, like: pd.Series) -> pd.Series:
 
 def _placement(config: Config, index: RecordIndex, table: Table) -> pd.DataFrame:
     """Shard, slice and order of each new row by the training rule (a pure function of its key and the seed)."""
-    keys = table.subjects if table.subjects is not None else table.ids
-    placement = place(
-        keys,
-        table.ids,
-        shards=config.sharding.shards,
-        slices=config.sharding.slices,
-        seed=config.training.seed,
-        strategy=config.sharding.strategy,
-        labels=table.labels,
-        deletion_prob=table.deletion_prob,
-    )
+    placement = placement_of(config, table)
     if config.sharding.strategy == "distribution_aware" and table.subjects is not None:
         _keep_subject_slices(config, index, table, placement)
     return placement
