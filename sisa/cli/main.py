@@ -10,12 +10,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from ..config import RUNTIME_KEYS, Config
+from ..config import Config
 from ..exceptions import SisaError, UsageError
+from .arguments import RUNTIME_HELP, read_ids, runtime_option, shard_option
 from .audit import HANDLERS as AUDIT_HANDLERS
 from .audit import add_parsers as add_audit_parsers
+from .durability import HANDLERS as DURABILITY_HANDLERS
+from .durability import add_parsers as add_durability_parsers
 from .intake import HANDLERS as INTAKE_HANDLERS
 from .intake import add_parsers as add_intake_parsers
 from .retraining import HANDLERS as RETRAIN_HANDLERS
@@ -46,11 +48,11 @@ FLAGS = {
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     **AUDIT_HANDLERS,
+    **DURABILITY_HANDLERS,
     **TABLE_HANDLERS,
     **INTAKE_HANDLERS,
     **RETRAIN_HANDLERS,
 }
-RUNTIME_HELP = ", ".join(RUNTIME_KEYS)
 
 
 def command(name: str):
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="finish an interrupted training of --run")
     t.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
-    add_table_parsers(sub, _runtime_option)  # schema, predict, evaluate
+    add_table_parsers(sub, runtime_option)  # schema, predict, evaluate
 
     d = sub.add_parser("delete", help="forget records (by ID) or data subjects and retrain what saw them")
     d.add_argument("--run", required=True)
@@ -118,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="journal, roll the shards back and erase now; leave the retrain to the policy or `sisa retrain`",
     )
     d.add_argument("--json", action="store_true", help="print the receipt as JSON")
-    _runtime_option(d)
+    runtime_option(d)
 
-    add_retrain_parsers(sub, _shard_option, _runtime_option)  # retrain
+    add_retrain_parsers(sub, shard_option, runtime_option)  # retrain
 
     s = sub.add_parser("status", help="shards, slices, records, generation, accuracy")
     s.add_argument("--run", required=True)
@@ -131,41 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not score a generation no training scored (after deletions) on the test table",
     )
 
-    # -- durability parsers: verify, history, repair --
-    v = sub.add_parser("verify", help="certify the live models: retrain from scratch and compare bit for bit")
-    v.add_argument("--run", required=True)
-    _shard_option(v, "verify")
-    v.add_argument(
-        "--erasure",
-        action="store_true",
-        help="check instead that nothing of deleted records survives in the run directory",
-    )
-    v.add_argument(
-        "--ids-file", help="with --erasure: deleted record IDs (one per line) to search every file for"
-    )
-    v.add_argument(
-        "--data", help="with --erasure: the original rows (table); their feature rows are searched too"
-    )
-    v.add_argument(
-        "--subjects-file", help="with --erasure: forgotten data-subject IDs (one per line) to search for"
-    )
-    v.add_argument("--workdir", help="folder for the scratch retrain (default: the system temp folder)")
-    v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
-    v.add_argument("--json", action="store_true")
-
-    hi = sub.add_parser(
-        "history", help="the request log: deletions and additions (time, records, retrained shards, status)"
-    )
-    hi.add_argument("--run", required=True)
-    hi.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    hi.add_argument("--out", help="write to this file instead of stdout")
-
-    rp = sub.add_parser("repair", help="rebuild corrupted or missing checkpoints from the run's own data")
-    rp.add_argument("--run", required=True)
-    _shard_option(rp, "repair")
-    rp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
-    rp.add_argument("--json", action="store_true")
-    _runtime_option(rp)
+    add_durability_parsers(sub)  # verify, history, repair
     # -- serving parsers: serve --
     sv = sub.add_parser("serve", help="serve predictions over HTTP; deletions applied live (strict mode)")
     sv.add_argument("--run", required=True)
@@ -176,43 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (else 413)"
     )
-    _runtime_option(sv)
+    runtime_option(sv)
     add_audit_parsers(sub)  # audit, compare, report
     add_intake_parsers(sub)  # add
     return p
-
-
-def _runtime_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="runtime",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"for this process only, what does not change the models: {RUNTIME_HELP} (repeatable)",
-    )
-
-
-def _shard_option(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument(
-        "--shard",
-        dest="shards",
-        type=int,
-        action="append",
-        default=[],
-        metavar="N",
-        help=f"{verb} only this shard (repeatable); default all",
-    )
-
-
-def _read_ids(path: str | None) -> list[str]:
-    if not path:
-        return []
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SisaError(f"cannot read ID file {path!r}: {exc.strerror or exc}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @command("train")
@@ -255,8 +190,8 @@ def _train(a: argparse.Namespace) -> int:
 def _delete(a: argparse.Namespace) -> int:
     from ..unlearning import delete
 
-    ids = list(a.ids) + _read_ids(a.ids_file)
-    subjects = list(a.subjects) + _read_ids(a.subjects_file)
+    ids = list(a.ids) + read_ids(a.ids_file)
+    subjects = list(a.subjects) + read_ids(a.subjects_file)
     dupes = "delete" if a.delete_duplicates else "report" if a.check_duplicates else "ignore"
     receipt = delete(a.run, ids, subjects, wait_s=a.wait, duplicates=dupes, runtime=a.runtime, defer=a.defer)
     if a.json:
@@ -335,103 +270,6 @@ def _status(a: argparse.Namespace) -> int:
     for e in st["shard_states"]:
         if e["state"] != "latest":
             print(f"  shard {e['shard']}: {shard_line(e)}")
-    return 0
-
-
-# -- durability handlers --
-@command("verify")
-def _verify(a: argparse.Namespace) -> int:
-    from ..evidence import verification
-
-    if a.erasure:
-        return _verify_erasure(a)
-    if a.ids_file or a.data or a.subjects_file:
-        raise SisaError("verify: --ids-file, --subjects-file and --data belong to --erasure")
-    certs = verification.verify(a.run, a.shards or None, wait_s=a.wait, workdir=a.workdir)
-    if a.json:
-        print(json.dumps([c.to_dict() for c in certs], indent=1))
-    for c in certs if not a.json else []:
-        verdict = (
-            "yes"
-            if c.bit_identical
-            else f"NO (max abs diff {c.max_abs_diff:.3g}, {len(c.differing)} tensors)"
-        )
-        chain = (
-            ""
-            if c.fingerprint == c.recomputed_fingerprint
-            else f" != recomputed {(c.recomputed_fingerprint or '-')[:12]}"
-        )
-        rolled = (
-            ""
-            if c.rolled_back_to is None
-            else f", rolled back to slice {c.rolled_back_to} (certified as trained on slices 0..{c.rolled_back_to - 1})"
-            if c.rolled_back_to
-            else ", out until caught up (rolled back before slice 0: no model)"
-        )
-        print(
-            f"shard {c.shard}: {c.records} records, fingerprint {(c.fingerprint or '-')[:12]}{chain}, "
-            f"{c.checkpoints_compared} checkpoints, bit-identical {verdict}{rolled} ({c.seconds:.2f} s)"
-        )
-    bad = [c.shard for c in certs if not c.ok]
-    if bad:
-        print(
-            f"sisa: error: verify: shard(s) {', '.join(map(str, bad))} differ from a retrain from scratch",
-            file=sys.stderr,
-        )
-        return 1
-    if not a.json:
-        print(
-            f"verified {len(certs)} shard(s): every live checkpoint is bit-identical to a retrain from scratch"
-        )
-    return 0
-
-
-def _verify_erasure(a: argparse.Namespace) -> int:
-    from ..evidence.erasure import check_erasure
-
-    ids = _read_ids(a.ids_file) if a.ids_file else None
-    subjects = _read_ids(a.subjects_file) if a.subjects_file else None
-    report = check_erasure(a.run, ids, a.data, subjects=subjects, wait_s=a.wait)
-    if a.json:
-        print(json.dumps(report.to_dict(), indent=1))
-    else:
-        for c in report.checks:
-            print(f"{'FAIL' if not c.ok else 'warn' if c.warning else 'ok  '} {c.name}: {c.detail}")
-    if not report.ok:
-        failed = ", ".join(c.name for c in report.checks if not c.ok)
-        print(f"sisa: error: verify --erasure: failed checks: {failed}", file=sys.stderr)
-        return 1
-    return 0
-
-
-@command("history")
-def _history(a: argparse.Namespace) -> int:
-    from ..evidence.history import deletion_log, format_log
-
-    text = format_log(deletion_log(a.run), a.format)
-    if a.out:
-        Path(a.out).write_text(text)
-        print(f"wrote the deletion log to {a.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-@command("repair")
-def _repair(a: argparse.Namespace) -> int:
-    from ..repair import repair
-
-    report = repair(a.run, a.shards or None, wait_s=a.wait, runtime=a.runtime)
-    if a.json:
-        print(json.dumps(report, indent=1))
-    elif report["checkpoints_rebuilt"] or report["deletions_replayed"]:
-        print(
-            f"rebuilt {len(report['checkpoints_rebuilt'])} checkpoint(s): "
-            f"{', '.join(report['checkpoints_rebuilt']) or 'none'}; retrained shard(s) "
-            f"{report['shards_retrained']}; generation {report['generation']} ({report['seconds']} s)"
-        )
-    else:
-        print(f"nothing to repair: every file of shard(s) {report['shards_checked']} verified")
     return 0
 
 
