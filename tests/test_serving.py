@@ -79,27 +79,34 @@ def _disk_state(run_dir) -> tuple:
     return run.manifest()["generation"], len(Journal(run.journal_dir).entries()), len(run.index().active)
 
 
-def _wait_applied(client, request_id: str, timeout: float = 30.0) -> dict:
+def _wait_applied(client, request_id: str, timeout: float = 30.0, route: str = "deletions") -> dict:
+    """Poll ``GET /<route>/<request id>`` (deletions or records) until the request is applied."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = client.get(f"/deletions/{request_id}", headers=AUTH).json()
+        body = client.get(f"/{route}/{request_id}", headers=AUTH).json()
         if body["status"] == "applied":
             return body
         time.sleep(0.02)
-    raise AssertionError(f"deletion {request_id} not applied within {timeout} s")
+    raise AssertionError(f"request {request_id} not applied within {timeout} s")
 
 
-@pytest.fixture
-def held_retrain(monkeypatch):
-    """Make every deletion stop after its journal entry (acknowledged) until ``release`` is set."""
-    release = threading.Event()
-    real = unlearning.roll_back
+def hold(monkeypatch, module, name: str) -> threading.Event:
+    """Patch ``module.name`` so that every call waits (after the request's journal entry) until the returned event
+    is set."""
+    release, real = threading.Event(), getattr(module, name)
 
     def slow(*args, **kw):
         assert release.wait(30), "test never released the retrain"
         return real(*args, **kw)
 
-    monkeypatch.setattr(unlearning, "roll_back", slow)
+    monkeypatch.setattr(module, name, slow)
+    return release
+
+
+@pytest.fixture
+def held_retrain(monkeypatch):
+    """Make every deletion stop after its journal entry (acknowledged) until ``release`` is set."""
+    release = hold(monkeypatch, unlearning, "roll_back")
     yield release
     release.set()
 

@@ -4,7 +4,6 @@ shards keep serving the current generation during the retrain and the new one sw
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -17,8 +16,10 @@ from tests.test_serving import (  # noqa: F401 - fixtures
     AUTH,
     FEATURES,
     _probabilities,
+    _wait_applied,
     client,
     data,
+    hold,
     pristine,
     run_dir,
 )
@@ -31,26 +32,13 @@ def _new_rows(n: int = 5, start: int = 10_000) -> list[dict]:
 
 
 def _wait(client, request_id: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/records/{request_id}", headers=AUTH).json()
-        if body["status"] == "applied":
-            return body
-        time.sleep(0.02)
-    raise AssertionError(f"addition {request_id} not applied within {timeout} s")
+    return _wait_applied(client, request_id, timeout, route="records")
 
 
 @pytest.fixture
 def held_addition(monkeypatch):
     """Every addition stops after its journal entry (acknowledged) until released."""
-    release = threading.Event()
-    real = intake.apply_addition
-
-    def slow(*args, **kw):
-        assert release.wait(30), "test never released the retrain"
-        return real(*args, **kw)
-
-    monkeypatch.setattr(intake, "apply_addition", slow)
+    release = hold(monkeypatch, intake, "apply_addition")
     yield release
     release.set()
 
