@@ -229,8 +229,7 @@ def _evaluate_overhead(run: RunDir, work: Path, df) -> float:
     """What refresh adds to every deletion when the config names a test table (sisa.evaluation.evaluate)."""
     test_path = work / "test.parquet"
     df.iloc[:4096].to_parquet(test_path)
-    cfg = run.config()
-    cfg.data.test = str(test_path)
+    cfg = run.config().with_overrides([f"data.test={test_path}"])  # a copy: the run's config is shared
     return min(timed(evaluate, run, cfg, run.manifest())[1] for _ in range(2))
 
 

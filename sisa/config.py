@@ -171,8 +171,17 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def frozen_digest(self) -> Config:
+        """Mark this config read-only in practice (a run's frozen config): :meth:`digest` is computed once and kept.
+        Returns self."""
+        self.__dict__["_digest"] = None
+        self.__dict__["_digest"] = self.digest()
+        return self
+
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of everything that shapes training (data file paths excluded)."""
+        if self.__dict__.get("_digest"):
+            return self.__dict__["_digest"]
         d = self.to_dict()
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "test")}
         if d["data"]["schema"] is None:  # configs without a schema keep the digest they had before it existed

@@ -17,10 +17,10 @@ import time
 import numpy as np
 
 from .exceptions import IntegrityError
-from .refresh import collect_garbage
 from .retraining import catch_up
 from .store.checkpoints import checkpoint_name, fingerprint_chain
-from .store.files import read_verified, sha256_bytes, sha256_file
+from .store.files import read_checked, sha256_bytes, sha256_file
+from .store.garbage import collect_garbage
 from .store.index import TOMBSTONES_FILE, RecordIndex, index_file, keyed_id_hashes
 from .store.journal import PENDING, Journal
 from .store.rundir import RunDir
@@ -53,11 +53,13 @@ def roll_back(
     positions: np.ndarray | None = None,
     loaded: Loaded | None = None,
     deferred: bool = False,
+    background: bool = False,
 ) -> dict:
     """Erase a journaled request's records and roll its shards back (idempotent); return the journal entry,
     now ``rolled_back``. ``deferred``: the caller asked for no retrain now (``delete --defer``): the retrain
     policy alone decides when. Caller holds the writer lock; ``loaded`` as in :func:`apply_entry`, updated with
-    the purged slices."""
+    the purged slices. ``background``: the stale checkpoints are renamed away now and removed on a thread
+    (:mod:`sisa.store.garbage`); the caller calls :func:`~sisa.store.garbage.finish_erasure` before it returns."""
     if entry["status"] != PENDING:
         return entry
     t0 = time.perf_counter()
@@ -84,7 +86,7 @@ def roll_back(
         entry = journal.stage(entry, {rel: sha256_bytes(data) for rel, data in files.items()})
         run.write_files(files)  # tombstones before the index files (see RecordIndex.to_bytes)
     manifest, rolled = _rolled_back_manifest(run, entry, slices, loaded)
-    collect_garbage(run, manifest, shards)  # every checkpoint trained on the records: gone now
+    collect_garbage(run, manifest, shards, background)  # every checkpoint trained on the records: gone
     return journal.roll_back(
         entry,
         {
@@ -116,8 +118,8 @@ def _rolled_back_manifest(
             if (s, k) in loaded:
                 rows, sha = loaded[(s, k)]
             else:  # a replay: the file is already purged (or never changed)
-                raw = read_verified(run.root / rel, {old["files"].get(rel), staged.get(rel)} - {None})
-                rows, sha = from_bytes(raw, run.root / rel, len(config.data.features)), sha256_bytes(raw)
+                raw, sha = read_checked(run.root / rel, {old["files"].get(rel), staged.get(rel)} - {None})
+                rows = from_bytes(raw, run.root / rel, len(config.data.features))
             digests[k], counts[k], files[rel] = slice_digest(rows), len(rows), sha
         fps = fingerprint_chain(config.digest(), s, digests)
         named = set(e["checkpoints"])

@@ -19,23 +19,19 @@ from .evaluation import evaluate
 from .exceptions import IntegrityError
 from .store.checkpoints import checkpoint_name, fingerprint_chain, is_complete, load_checkpoint
 from .store.files import (
-    clean_temp_files,
-    fsync_dir,
-    read_verified,
+    read_checked,
     remove_tree,
-    sha256_bytes,
     sha256_file,
     sync_filesystem,
 )
+from .store.garbage import collect_garbage
 from .store.index import TOMBSTONES_FILE, index_file
 from .store.rundir import RunDir
 from .store.shardfile import (
     ShardData,
     ShardRows,
-    concat,
     from_bytes,
-    shard_data,
-    shard_dir,
+    shard_data_of,
     slice_digest,
     slice_file,
 )
@@ -105,7 +101,7 @@ def plan(
                 if k not in parts:
                     parts[k], shas[k] = _read_slice(run, s, k, n_f, check, loaded)
             jobs.append(ShardJob(s, first, tuple(fps)))
-            data[s] = shard_data(concat([parts[k] for k in range(R)], n_f), R)
+            data[s] = shard_data_of([parts[k] for k in range(R)], R)
         files = {slice_file(s, k): shas.get(k) or files_sha.get(slice_file(s, k)) for k in range(R)}
         chains[s] = {"fingerprints": fps, "digests": digests, "slice_records": counts, "files": files}
     return jobs, data, chains
@@ -118,8 +114,8 @@ def _read_slice(
     if loaded and (shard, k) in loaded:
         rows, sha = loaded[(shard, k)]
     else:
-        raw = read_verified(run.root / rel)
-        rows, sha = None, sha256_bytes(raw)
+        raw, sha = read_checked(run.root / rel)
+        rows = None
     if check:
         check(rel, sha)
     return (rows if rows is not None else from_bytes(raw, run.root / rel, n_features)), sha
@@ -227,24 +223,6 @@ def _check_files(run: RunDir, old: dict | None, current: dict[str, str], staged:
     for rel, sha in current.items():
         if rel in named and sha not in (named[rel], staged.get(rel)):
             raise IntegrityError(run.root / rel, "checksum mismatch (file changed or truncated)")
-
-
-def collect_garbage(run: RunDir, manifest: dict, shards: list[int]) -> None:
-    """Delete every checkpoint folder of ``shards`` that the manifest does not name (real erasure); each shard's
-    folder is fsynced once, after its removals."""
-    live = {e["shard"]: set(e["checkpoints"]) for e in manifest["shards"]}
-    for s in shards:
-        folder = run.shard_checkpoints(s)
-        clean_temp_files(folder)
-        stale = [p for p in folder.iterdir() if p.name not in live.get(s, set())] if folder.is_dir() else []
-        for p in stale:
-            remove_tree(p, sync=False)
-        if stale:
-            fsync_dir(folder)
-    for s in shards:
-        clean_temp_files(run.root / shard_dir(s))
-    clean_temp_files(run.root / "index")
-    clean_temp_files(run.root)
 
 
 def _progress(config: Config, total: int):

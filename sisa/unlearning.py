@@ -20,7 +20,8 @@ from .exceptions import UnknownRecordError, UsageError
 from .retraining import catch_up, deadlines, due, rolled_back_shards
 from .session import replay, writer_session
 from .store.checkpoints import load_checkpoint
-from .store.files import read_verified, sha256_bytes
+from .store.files import read_checked
+from .store.garbage import finish_erasure
 from .store.index import RecordIndex, coerce_ids, keyed_id_hashes
 from .store.journal import Journal, new_request_id
 from .store.rundir import RunDir
@@ -103,15 +104,18 @@ def delete(
         if on_ack:  # with the caller's own already-deleted IDs, which the journal never stores
             on_ack({**entry, "already_deleted": already})
         loaded = dict(loaded)
-        entry = roll_back(run, entry, index, positions, loaded, deferred=defer)
-        if on_rollback:
-            on_rollback(entry)
-        now = due(run)
-        receipts = {}
-        if now:  # the retrain uses the slice bytes verified before the acknowledgement
-            receipts = {
-                r["request_id"]: r for r in catch_up(run, sorted(now), reason="policy", loaded=loaded)
-            }
+        try:  # the stale checkpoints are removed while the catch-up trains; erased before this returns
+            entry = roll_back(run, entry, index, positions, loaded, deferred=defer, background=True)
+            if on_rollback:
+                on_rollback(entry)
+            now = due(run)
+            receipts = {}
+            if now:  # the retrain uses the slice bytes verified before the acknowledgement
+                receipts = {
+                    r["request_id"]: r for r in catch_up(run, sorted(now), reason="policy", loaded=loaded)
+                }
+        finally:
+            finish_erasure()
         receipt = receipts.get(entry["request_id"]) or rollback_receipt(run, entry)
         receipt["already_deleted"] = already
         if duplicates != "ignore":  # returned to the caller only: the stored receipt never names record IDs
@@ -218,9 +222,9 @@ def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) 
     loaded: Loaded = {}
     for s, k in affected.items():
         names = shard_files(s, slices)
-        files = {n: read_verified(run.root / n, manifest["files"].get(n)) for n in names}
         for j, n in enumerate(names):
-            loaded[(s, j)] = (from_bytes(files[n], run.root / n, n_f), sha256_bytes(files[n]))
+            raw, sha = read_checked(run.root / n, manifest["files"].get(n))
+            loaded[(s, j)] = (from_bytes(raw, run.root / n, n_f), sha)
         k = min(k, len(entries[s]["checkpoints"]))  # a rolled-back shard resumes from its last named one
         if k > 0:
             load_checkpoint(run.shard_checkpoints(s) / entries[s]["checkpoints"][k - 1])

@@ -23,6 +23,7 @@ import pytest
 from sisa.cli import main as cli
 from sisa.intake import add
 from sisa.store.files import CRASH_AT_ENV, CRASH_LOG_ENV, reset_crash_counter, temp_leftovers
+from sisa.store.garbage import STALE_PREFIX
 from sisa.store.journal import Journal
 from sisa.store.rundir import RunDir
 from sisa.tables.datasets import make_tabular
@@ -247,6 +248,24 @@ def test_kill_between_checkpoints_of_parallel_lanes(tmp_path):
         assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-500:]
         recover_with_status(run)
         assert_like_reference(run, reference)
+
+
+def test_kill_while_the_stale_checkpoints_are_removed_in_the_background(setup):
+    """The rollback renames the checkpoints that saw the records to ``.tmp-stale-*`` and removes them on a thread
+    while the catch-up trains (sisa.store.garbage). Kill the process in the middle of those removals, wherever
+    the training is: the leftovers are never trusted, recovery removes them and ends like the uninterrupted run."""
+    for k in (1, 6):
+        run = setup.root / f"erasing-{k}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(setup.base.root, run)
+        cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(run), *DELETE_IDS]
+        at = f"remove:checkpoints/shard-000/{STALE_PREFIX}:{k}"  # counted on the removal thread alone
+        proc = subprocess.run(cmd, cwd=REPO, env=crash_env(at), capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-500:]
+        assert list(run.glob(f"checkpoints/shard-000/{STALE_PREFIX}*")), "killed before the removals finished"
+        assert_serves_only_unseen(run, setup)
+        recover_with_status(run)
+        assert_like_reference(run, setup.reference)
 
 
 @pytest.mark.slow

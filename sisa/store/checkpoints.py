@@ -30,7 +30,16 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..exceptions import IntegrityError
-from .files import TMP_PREFIX, crash_point, fsync_dir, read_json, remove_tree, replace_path, sha256_bytes
+from .files import (
+    TMP_PREFIX,
+    crash_point,
+    fsync_dir,
+    read_json,
+    remove_tree,
+    replace_path,
+    sha256_bytes,
+    start_writeback,
+)
 
 FORMAT = "sisa-checkpoint/1"
 
@@ -98,9 +107,11 @@ def save_checkpoint(
         crash_point("write:", folder / name)  # written in the temp folder, named by its final place
         with open(tmp / name, "wb") as f:
             f.write(data)
+            f.flush()
             if sync:
-                f.flush()
                 os.fsync(f.fileno())
+            else:  # the caller's one barrier will find these bytes already on their way to the disk
+                start_writeback(f.fileno())
     if sync:
         fsync_dir(tmp)
     if folder.exists():  # a leftover from an interrupted run with the same fingerprint: replace it

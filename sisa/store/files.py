@@ -64,6 +64,14 @@ def crash_point(kind: str, path: Path) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
+def crash_testing() -> bool:
+    """True when crash points are being logged or armed by plain count (``SISA_CRASH_AT=N``): work that would run
+    on a background thread then runs in order, so the N-th point is the same moment in every run. A count of
+    points with one prefix (``PREFIX:N``) is repeatable with threads too, and leaves them on."""
+    at = os.environ.get(CRASH_AT_ENV, "")
+    return bool(os.environ.get(CRASH_LOG_ENV)) or bool(at and ":" not in at)
+
+
 def reset_crash_counter() -> None:
     """Count crash points from zero again (for tests that enumerate points in-process)."""
     _crash_hits.update(all=0, matching=0)
@@ -124,6 +132,14 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages to disk now, without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere nothing). Not a durability guarantee: it lets the disk
+    work while training goes on, so the later :func:`sync_filesystem` barrier finds little left to write."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; an error only means no head start
+
+
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -133,11 +149,24 @@ def _libc():
         return None
 
 
+def _sync_file_range():
+    try:
+        fn = _LIBC.sync_file_range
+    except AttributeError:  # no libc, or not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
 _LIBC = _libc()
+_SYNC_FILE_RANGE = _sync_file_range()
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, compact: bool = False) -> None:
+    """``compact``: one line, by the C encoder (the manifest: hundreds of KB, rewritten by every change); else
+    indented for people."""
+    text = json.dumps(obj, indent=None if compact else 1, sort_keys=True, default=str)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -190,14 +219,21 @@ def parse_ipc(data: bytes, path: Path) -> pa.Table:
 
 def read_verified(path: Path, sha256: str | Collection[str] | None = None) -> bytes:
     """A file's bytes, its SHA-256 checked first when one (or a set of acceptable ones) is given."""
+    return read_checked(path, sha256)[0]
+
+
+def read_checked(path: Path, sha256: str | Collection[str] | None = None) -> tuple[bytes, str]:
+    """:func:`read_verified` and the SHA-256 it computed (hashed once)."""
     path = Path(path)
-    if not path.is_file():
-        raise IntegrityError(path, "file is missing")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise IntegrityError(path, "file is missing") from None
+    digest = sha256_bytes(data)
     allowed = {sha256} if isinstance(sha256, str) else sha256
-    if allowed is not None and sha256_bytes(data) not in allowed:
+    if allowed is not None and digest not in allowed:
         raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
-    return data
+    return data, digest
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> str:
@@ -258,12 +294,20 @@ def clean_temp_files(folder: Path) -> None:
 
 def temp_leftovers(root: Path) -> list[Path]:
     """``.tmp-*`` leftovers of interrupted writes anywhere in a run directory (at most three levels deep)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for pattern in (f"{TMP_PREFIX}*", f"*/{TMP_PREFIX}*", f"*/*/{TMP_PREFIX}*"):
-        found += root.glob(pattern)
+    found, level = [], [str(root)]
+    for _ in range(3):
+        deeper = []
+        for folder in level:
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                if e.name.startswith(TMP_PREFIX):
+                    found.append(Path(e.path))
+                elif e.is_dir(follow_symlinks=False):
+                    deeper.append(e.path)
+        level = deeper
     return sorted(found)
 
 

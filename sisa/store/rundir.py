@@ -46,6 +46,7 @@ class RunDir:
     def __init__(self, root: str | Path, runtime: list[str] | tuple[str, ...] = ()):
         self.root = Path(root)
         self.runtime = tuple(runtime)
+        self._config: tuple[tuple, Config] | None = None  # (config.yaml's stat key, its Config)
 
     # ---- paths ------------------------------------------------------------------------------------------------
     config_path = property(lambda self: self.root / "config.yaml")
@@ -90,9 +91,15 @@ class RunDir:
             )
 
     def config(self) -> Config:
+        """The frozen config with this process's runtime overrides; parsed once per file version and shared by
+        every caller, its digest computed once: treat it as read-only."""
         self.require()
-        config = Config.from_dict(_read_yaml(self.config_path))
-        return config.with_runtime(self.runtime) if self.runtime else config
+        key = _stat_key(self.config_path)
+        if self._config is None or self._config[0] != key:
+            config = Config.from_dict(_read_yaml(self.config_path))
+            config = config.with_runtime(self.runtime) if self.runtime else config
+            self._config = (key, config.frozen_digest())
+        return self._config[1]
 
     def secret(self) -> bytes:
         data = self.secret_path.read_bytes()
@@ -203,7 +210,7 @@ class RunDir:
         return shas
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write_json(self.manifest_path, {**manifest, "format": MANIFEST_FORMAT})
+        atomic_write_json(self.manifest_path, {**manifest, "format": MANIFEST_FORMAT}, compact=True)
 
 
 _YAML_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
@@ -211,11 +218,15 @@ _YAML_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
 
 def _read_yaml(path: Path) -> dict:
     """Parse a run's frozen config.yaml once per process (C loader; re-read when the file is replaced)."""
-    st = path.stat()
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    key = _stat_key(path)
     hit = _YAML_CACHE.get(str(path))
     if hit is None or hit[0] != key:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         hit = (key, yaml.load(path.read_text(), Loader=loader))  # noqa: S506 - a safe loader
         _YAML_CACHE[str(path)] = hit
     return copy.deepcopy(hit[1])
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -71,12 +71,21 @@ class ShardData:
 class ShardRows:
     """Rows of one slice (or of several, concatenated in slice order), column by column."""
 
-    ids: pd.Series
+    id_column: (
+        pd.Series | pa.ChunkedArray
+    )  # the record IDs; read from a file: Arrow until ``ids`` is first used
     labels: np.ndarray  # int64
     slices: np.ndarray  # int32
     orders: np.ndarray  # uint64
     row_hashes: np.ndarray  # uint64
     features: np.ndarray  # float32 [n, F]
+
+    @property
+    def ids(self) -> pd.Series:
+        """The record IDs (converted once: a retrain reads every slice of a shard but the IDs of few)."""
+        if not isinstance(self.id_column, pd.Series):
+            self.id_column = self.id_column.to_pandas()
+        return self.id_column
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -160,15 +169,18 @@ def from_bytes(data: bytes, path, n_features: int) -> ShardRows:
     table = parse_ipc(data, path)
     if table.column_names != COLUMNS:
         raise IntegrityError(path, f"unexpected columns {table.column_names}; expected {COLUMNS}")
-    flat = table.column(FEATURES).combine_chunks().values.to_numpy(zero_copy_only=False)
+    column = table.column(FEATURES)
+    chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    flat = chunk.values.to_numpy(zero_copy_only=False)  # one file, one chunk: a view of ``data``, no copy
     features = np.asarray(flat, dtype=np.float32).reshape(table.num_rows, n_features)
+    features.flags.writeable = False  # training gets its own copy (shard_data_of, concat)
     return ShardRows(
-        table.column(RECORD_ID).to_pandas(),
+        table.column(RECORD_ID),
         table.column(LABEL).to_numpy().astype(np.int64, copy=False),
         table.column(SLICE).to_numpy().astype(np.int32, copy=False),
         table.column(ORDER).to_numpy().astype(np.uint64, copy=False),
         table.column(ROW_HASH).to_numpy().astype(np.uint64, copy=False),
-        np.array(features, copy=True),  # writable and owned: training may hand it to torch without a copy
+        features,
     )
 
 
@@ -187,6 +199,16 @@ def shard_data(rows: ShardRows, slices: int) -> ShardData:
         slice_ends=np.searchsorted(rows.slices.astype(np.int64), np.arange(slices), side="right").astype(
             np.int64
         ),
+    )
+
+
+def shard_data_of(parts: list[ShardRows], slices: int) -> ShardData:
+    """:func:`shard_data` of a shard's slices in order, without concatenating the columns training ignores."""
+    slice_col = np.concatenate([p.slices for p in parts]).astype(np.int64)
+    return ShardData(
+        features=np.concatenate([p.features for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        slice_ends=np.searchsorted(slice_col, np.arange(slices), side="right").astype(np.int64),
     )
 
 
