@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from .config import Config
 from .evaluation import evaluate
 from .exceptions import IntegrityError
+from .store.barrier import barrier
 from .store.checkpoints import checkpoint_name, fingerprint_chain, is_complete, load_checkpoint
 from .store.files import (
     read_checked,
     remove_tree,
     sha256_file,
-    sync_filesystem,
 )
 from .store.garbage import collect_garbage
 from .store.index import TOMBSTONES_FILE, index_file
@@ -171,10 +171,10 @@ def refresh(
     )
     if bar:
         bar.close()
-    if jobs and not spec.sync_checkpoints:
-        sync_filesystem(
-            run.checkpoint_root
-        )  # the one barrier: every new checkpoint durable before it is named
+    if jobs and not spec.sync_checkpoints:  # the one barrier: every new checkpoint durable before it is named
+        barrier(
+            run.checkpoint_root, [run.shard_checkpoints(r.shard) / n for r in results for n in r.checkpoints]
+        )
     entries = {e["shard"]: e for e in (old["shards"] if old else [])}
     files = dict(old["files"]) if old else {}
     before = {s: entries[s]["fingerprint"] for s in shards if s in entries}

@@ -30,6 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..exceptions import IntegrityError
+from .barrier import flush_later
 from .files import (
     TMP_PREFIX,
     crash_point,
@@ -83,9 +84,10 @@ def save_checkpoint(
 ) -> None:
     """Write a checkpoint folder atomically (temp folder, COMPLETE last, rename).
 
-    ``sync``: fsync each file and folder now. Training in this machine's processes passes False and the caller
-    makes everything durable with one barrier before the manifest names the checkpoints
-    (:func:`sisa.store.files.sync_filesystem`); until then no manifest trusts them (docs/design.md §4)."""
+    ``sync``: fsync each file and folder now. Training in this machine's processes passes False: the folder is
+    fsynced on a background thread (:func:`sisa.store.barrier.flush_later`) and the caller makes everything
+    durable with one barrier before the manifest names the checkpoints (:func:`sisa.store.barrier.barrier`);
+    until then no manifest trusts them (docs/design.md §4)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f"{TMP_PREFIX}{folder.name}.{os.getpid()}"
@@ -117,6 +119,8 @@ def save_checkpoint(
     if folder.exists():  # a leftover from an interrupted run with the same fingerprint: replace it
         remove_tree(folder)
     replace_path(tmp, folder, sync=sync)
+    if not sync:
+        flush_later(folder)  # fsynced on a background thread; the caller's barrier waits for it
 
 
 def is_complete(folder: Path) -> bool:

@@ -35,7 +35,7 @@ from ..config import Config
 from . import units
 from .choice import default_stack_size
 from .lockstep import GroupTrainer, LaneStopped
-from .shard import ShardData, ShardJob, ShardResult, TrainSpec, configure_torch
+from .shard import ShardData, ShardJob, ShardResult, TrainSpec, configure_torch, train_shard
 from .units import fixed_groups, stacking_mode, work_units
 
 
@@ -105,6 +105,12 @@ def _train_groups(
     torch.set_num_threads(spec.config.training.threads)
     results: dict[int, ShardResult] = {}
     for slots in plan_groups(jobs, width, mode, spec.config.sharding.shards):
+        if mode == "exact" and len(slots) == 1 and stop is None:
+            # a stack of one in exact mode computes what the loop does, bit for bit (tests/test_stacking.py):
+            # run the loop's code, without the stack's per-step bookkeeping (a one-shard deletion's retrain)
+            (job,) = slots
+            results[job.shard] = train_shard(spec, job, data[job.shard], executor="stacked")
+            continue
         results.update(GroupTrainer(spec, slots, data, mode, stop).run())
     return results
 
