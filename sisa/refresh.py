@@ -82,8 +82,9 @@ def plan(
     vets each file's bytes before they are parsed; ``loaded``: (shard, slice) -> (rows, sha256) this process
     already read and verified (they are vetted again by their checksum, not read again)."""
     digest, R, n_f = config.digest(), config.sharding.slices, len(config.data.features)
-    live = {e["shard"]: e for e in (run.manifest() or {}).get("shards", [])}
-    files_sha = (run.manifest() or {}).get("files", {})
+    manifest = run.manifest() or {}
+    live = {e["shard"]: e for e in manifest.get("shards", [])}
+    files_sha = manifest.get("files", {})
     jobs, data, chains = [], {}, {}
     for s in shards:
         entry = live.get(s)

@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..exceptions import IntegrityError
-from .barrier import flush_later
+from .barrier import flush_later, write_later
 from .files import (
     TMP_PREFIX,
     crash_point,
@@ -84,10 +84,25 @@ def save_checkpoint(
 ) -> None:
     """Write a checkpoint folder atomically (temp folder, COMPLETE last, rename).
 
-    ``sync``: fsync each file and folder now. Training in this machine's processes passes False: the folder is
-    fsynced on a background thread (:func:`sisa.store.barrier.flush_later`) and the caller makes everything
-    durable with one barrier before the manifest names the checkpoints (:func:`sisa.store.barrier.barrier`);
-    until then no manifest trusts them (docs/design.md §4)."""
+    ``sync``: fsync each file and folder now. Training in this machine's processes passes False: the tensors are
+    copied and the folder is written, then fsynced, on background threads (:func:`sisa.store.barrier.write_later`,
+    :func:`~sisa.store.barrier.flush_later`) while training goes on; the caller makes everything durable with one
+    barrier before the manifest names the checkpoints (:func:`sisa.store.barrier.barrier`); until then no
+    manifest trusts them (docs/design.md §4)."""
+    if sync:
+        _write_folder(Path(folder), model_state, optim_state, meta, sync=True)
+        return
+    snapshot = [{k: v.detach().to("cpu").clone() for k, v in d.items()} for d in (model_state, optim_state)]
+    write_later(lambda: _write_folder(Path(folder), *snapshot, meta, sync=False))
+
+
+def _write_folder(
+    folder: Path,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, torch.Tensor],
+    meta: dict,
+    sync: bool,
+) -> None:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f"{TMP_PREFIX}{folder.name}.{os.getpid()}"

@@ -91,9 +91,13 @@ class RecordIndex:
         resolves by removing them again)."""
         tomb = self.tombstones[TOMBSTONE_COLUMNS].astype({c: "string" for c in TOMBSTONE_COLUMNS})
         out = {TOMBSTONES_FILE: ipc_bytes(_table(tomb, {c: pa.string() for c in TOMBSTONE_COLUMNS}))}
-        by_shard = self.active.groupby("shard", sort=False).indices
-        for s in sorted(set(shards)):
-            rows = self.active.iloc[by_shard.get(s, np.zeros(0, np.int64))]
+        wanted = sorted(set(shards))
+        column = self.active["shard"].to_numpy()
+        if len(wanted) > 4:  # one pass for many shards; a mask each for a deletion's few
+            by_shard = self.active.groupby("shard", sort=False).indices
+        for s in wanted:
+            at = by_shard.get(s, np.zeros(0, np.int64)) if len(wanted) > 4 else np.flatnonzero(column == s)
+            rows = self.active.iloc[at]
             out[index_file(s)] = ipc_bytes(_table(rows[SHARD_COLUMNS], self._types()))
         return out
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
+from ..store.barrier import writes_drained
 from ..store.checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
 from ..store.shardfile import ShardData
 from .models import fit_prefix, shard_model
@@ -171,7 +172,13 @@ def initial_state(spec: TrainSpec, job: ShardJob, data: ShardData):
 
 
 def train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str = "loop") -> ShardResult:
-    """Train one shard from ``job.from_slice`` to the end, writing a checkpoint after every slice."""
+    """Train one shard from ``job.from_slice`` to the end, writing a checkpoint after every slice (each on the
+    filesystem when this returns)."""
+    with writes_drained():
+        return _train_shard(spec, job, data, executor)
+
+
+def _train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str) -> ShardResult:
     configure_torch(spec)
     t0 = time.perf_counter()
     model, opt = initial_state(spec, job, data)

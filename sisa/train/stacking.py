@@ -32,6 +32,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import torch
 
 from ..config import Config
+from ..store.barrier import writes_drained
 from . import units
 from .choice import default_stack_size
 from .lockstep import GroupTrainer, LaneStopped
@@ -52,7 +53,7 @@ def train_stacked(spec: TrainSpec, jobs: list[ShardJob], data: dict[int, ShardDa
     width = cfg.training.stack_size or default_stack_size(cfg)
     lanes = stack_lanes(cfg, mode, len(jobs))
     # exact mode swaps each shard's dropout stream in and out of the global RNG: leave the caller's as it was
-    with torch.random.fork_rng(devices=[]):
+    with writes_drained(), torch.random.fork_rng(devices=[]):
         if lanes == 1:
             results = _train_groups(spec, jobs, data, width, mode)
         else:
