@@ -49,9 +49,26 @@ def test_checkpoints_written_here_pass_the_barrier_without_a_filesystem_sync(tmp
         save_checkpoint(f, {"w": torch.ones(4)}, {"step": torch.tensor(1)}, {}, sync=False)
     barrier_mod.barrier(tmp_path / "checkpoints", folders)
     assert calls == []
-    assert not barrier_mod._known and not barrier_mod._outstanding  # nothing left over for the next barrier
+    keys = {str(f) for f in folders}
+    assert (
+        not keys & barrier_mod._known.keys() and not keys & barrier_mod._outstanding.keys()
+    )  # nothing left over
     for f in folders:
         load_checkpoint(f)
+
+
+def test_folders_no_barrier_asks_for_are_forgotten_past_a_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(barrier_mod, "MAX_KNOWN", 3)
+    calls = _syncs(monkeypatch)
+    folders = [tmp_path / f"f{i}" for i in range(5)]
+    for f in folders:
+        f.mkdir()
+        barrier_mod.flush_later(f)
+    assert len(barrier_mod._known) == 3
+    barrier_mod.barrier(tmp_path, folders[-3:])  # still known: no filesystem sync
+    assert calls == []
+    barrier_mod.barrier(tmp_path, folders[:1])  # forgotten: the whole filesystem is synced instead
+    assert calls == [tmp_path]
 
 
 def test_a_folder_this_process_did_not_write_falls_back_to_syncfs(tmp_path, monkeypatch):

@@ -25,7 +25,11 @@ from .files import crash_point, crash_testing, fsync_dir, sync_filesystem
 
 _queue: queue.Queue[str] = queue.Queue()
 _state = threading.Condition()
-_known: set[str] = set()  # folders (absolute paths) handed over since the barrier that last covered them
+# folders (absolute paths) handed over since the barrier that last covered them, oldest first; a training whose
+# barrier never comes (verify's scratch retrain) leaves its folders here: past MAX_KNOWN the oldest are forgotten,
+# and a barrier asking for one of those syncs the whole filesystem instead
+MAX_KNOWN = 20_000
+_known: dict[str, None] = {}
 _outstanding: Counter[str] = Counter()  # flushes queued and not yet done, per folder
 _failed: set[str] = set()  # folders whose flush hit an error: the barrier falls back to a full sync
 _worker: list[threading.Thread] = []
@@ -93,7 +97,10 @@ def flush_later(folder: Path) -> None:
     """Queue a finished checkpoint folder for fsync on the background thread."""
     key = os.path.abspath(folder)
     with _state:
-        _known.add(key)
+        _known.pop(key, None)
+        _known[key] = None
+        while len(_known) > MAX_KNOWN:
+            del _known[next(iter(_known))]
         _outstanding[key] += 1
         if not _worker or not _worker[0].is_alive():
             _worker[:] = [threading.Thread(target=_run, name="sisa-flush", daemon=True)]
@@ -106,7 +113,7 @@ def barrier(checkpoint_root: Path, folders: list[Path]) -> None:
     drain_writes()
     keys = {os.path.abspath(f) for f in folders}
     with _state:
-        handed = keys <= _known
+        handed = keys <= _known.keys()
     if not handed:
         sync_filesystem(checkpoint_root)
         _forget(keys)
@@ -126,9 +133,9 @@ def barrier(checkpoint_root: Path, folders: list[Path]) -> None:
 
 def _forget(keys: set[str]) -> None:
     with _state:
-        _known.difference_update(keys)
-        _failed.difference_update(keys)
         for k in keys:
+            _known.pop(k, None)
+            _failed.discard(k)
             if _outstanding[k] == 0:
                 del _outstanding[k]
 
@@ -151,4 +158,7 @@ def _run() -> None:
             _outstanding[key] -= 1
             if not ok:
                 _failed.add(key)
+            if _outstanding[key] == 0 and key not in _known:  # forgotten already: nobody will ask
+                del _outstanding[key]
+                _failed.discard(key)
             _state.notify_all()
