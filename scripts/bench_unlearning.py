@@ -171,20 +171,20 @@ def speedup(s: Setup, work: Path, df, out: dict, with_handloop: bool = True) -> 
 
 PARTS = {  # (file, function) -> label: inclusive time inside one deletion (parts may nest, e.g. config reads)
     ("executors.py", "run_jobs"): "retrain (run_jobs)",
-    ("checkpoints.py", "save_checkpoint"): "checkpoint writes (inside retrain)",
+    ("checkpoints.py", "save_checkpoint"): "checkpoint hand-over (inside retrain)",
     ("unlearning.py", "_resolve"): "find the IDs",
-    ("unlearning.py", "_purged_shard_data"): "purge shard data (read + rewrite parquet)",
-    ("unlearning.py", "_index_files"): "serialise index + tombstones",
+    ("unlearning.py", "_require_retrainable"): "verified reads before the acknowledgement",
+    ("deletion.py", "roll_back"): "rollback (purge, index, rolled-back manifest, stale renamed)",
+    ("garbage.py", "finish_erasure"): "wait for the stale checkpoints' removal",
+    ("refresh.py", "plan"): "plan (fingerprint chains, shard arrays)",
+    ("barrier.py", "barrier"): "durability barrier",
     ("rundir.py", "index"): "read index",
     ("rundir.py", "config"): "read config.yaml",
-    ("fitting.py", "plan"): "plan (read shards, fingerprint chains)",
-    ("fitting.py", "evaluate"): "evaluate test accuracy",
-    ("fitting.py", "collect_garbage"): "delete stale checkpoints",
     ("rundir.py", "write_manifest"): "write manifest",
     ("journal.py", "begin"): "journal",
     ("journal.py", "stage"): "journal",
+    ("journal.py", "roll_back"): "journal",
     ("journal.py", "complete"): "journal",
-    ("storage.py", "sha256_file"): "sha256 of files",
 }
 
 

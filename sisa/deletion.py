@@ -20,7 +20,7 @@ from .exceptions import IntegrityError
 from .retraining import catch_up
 from .store.checkpoints import checkpoint_name, fingerprint_chain
 from .store.files import read_checked, sha256_bytes, sha256_file
-from .store.garbage import collect_garbage
+from .store.garbage import collect_garbage, start_erasure
 from .store.index import TOMBSTONES_FILE, RecordIndex, index_file, keyed_id_hashes
 from .store.journal import PENDING, Journal
 from .store.rundir import RunDir
@@ -87,7 +87,7 @@ def roll_back(
         run.write_files(files)  # tombstones before the index files (see RecordIndex.to_bytes)
     manifest, rolled = _rolled_back_manifest(run, entry, slices, loaded)
     collect_garbage(run, manifest, shards, background)  # every checkpoint trained on the records: gone
-    return journal.roll_back(
+    entry = journal.roll_back(
         entry,
         {
             "shards": {str(s): k for s, k in rolled.items()},
@@ -97,6 +97,8 @@ def roll_back(
             "seconds": round(time.perf_counter() - t0, 4),
         },
     )
+    start_erasure()  # the background removals, if any, now that the journal write is durable
+    return entry
 
 
 def _rolled_back_manifest(

@@ -4,7 +4,8 @@
 (including each one trained on a deleted record) and the leftovers of interrupted writes. A deletion's rollback
 passes ``background=True``: each stale folder is renamed to a ``.tmp-stale-*`` name first (one rename instead of
 five removals; from then on it is a leftover of an interrupted write to every reader, never trusted, and removed
-by recovery if the process dies), and the removals run on a thread while the catch-up retrain trains.
+by recovery if the process dies), and the removals run on a thread (:func:`start_erasure`) while the catch-up
+retrain trains.
 :func:`finish_erasure` waits for them; every later :func:`collect_garbage` does so first, and a deletion does
 before it returns, so its receipt still means "erased".
 """
@@ -50,9 +51,18 @@ def collect_garbage(run: RunDir, manifest: dict, shards: list[int], background: 
     if trash:
         errors: list[BaseException] = []
         thread = threading.Thread(target=_remove, args=(trash, errors), name="sisa-erasure", daemon=True)
-        if not crash_testing():  # under crash tests the removals run in finish_erasure, in a fixed order
+        _pending.append((thread, errors))  # started by start_erasure, once the caller's journal write is done
+
+
+def start_erasure() -> None:
+    """Start the background removals :func:`collect_garbage` prepared. Called after the rollback's journal
+    write, whose fsync would otherwise wait for the removals' metadata too. Under crash tests they are left for
+    :func:`finish_erasure` to run in order."""
+    if crash_testing():
+        return
+    for thread, _ in _pending:
+        if thread.ident is None:
             thread.start()
-        _pending.append((thread, errors))
 
 
 def finish_erasure() -> None:
