@@ -15,6 +15,7 @@ deletion's wall time is its retrain, and a deletion next to a minimal hand-writt
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -197,6 +198,7 @@ def handloop(root: Path, work: Path, rng, k1: int, k8: int, out: dict) -> None:
             for s, k in sorted((int(s), int(k)) for s, k in receipt["shards_retrained"].items()):
                 data = shard_tensors(run, config, s)
                 hand += hand_retrain(run, config, s, k, data, work / "hand-loop")
+            os.sync()  # outside both clocks: the hand loop's unsynced checkpoints are not the next deletion's fsync
             walls.append(wall), retrains.append(retrain), hands.append(hand)
         ratio = float(sum(walls) / sum(hands))
         res[name] = {
