@@ -47,6 +47,7 @@ from sisa import costs  # noqa: E402
 from sisa.aggregation import Ensemble  # noqa: E402
 from sisa.evaluation import evaluate  # noqa: E402
 from sisa.fitting import train  # noqa: E402
+from sisa.refresh import EarlyRetrain  # noqa: E402
 from sisa.store.rundir import RunDir  # noqa: E402
 from sisa.tables.datasets import PURCHASE_BENCH_FLIP, make_purchase  # noqa: E402
 from sisa.unlearning import delete  # noqa: E402
@@ -175,6 +176,7 @@ PARTS = {  # (file, function) -> label: inclusive time inside one deletion (part
     ("unlearning.py", "_resolve"): "find the IDs",
     ("unlearning.py", "_require_retrainable"): "verified reads before the acknowledgement",
     ("deletion.py", "roll_back"): "rollback (purge, index, rolled-back manifest, stale renamed)",
+    ("refresh.py", "start"): "start the catch-up early (its plan; inside rollback)",
     ("garbage.py", "finish_erasure"): "wait for the stale checkpoints' removal",
     ("refresh.py", "plan"): "plan (fingerprint chains, shard arrays)",
     ("barrier.py", "barrier"): "durability barrier",
@@ -191,12 +193,20 @@ PARTS = {  # (file, function) -> label: inclusive time inside one deletion (part
 def _profile_deletion(root: Path, rng) -> dict:
     run = RunDir(root)
     ids = run.index(verify=False).active["record_id"].to_numpy()
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.runcall(delete, root, [ids[rng.integers(len(ids))].item()])
-    total = time.perf_counter() - t0
+    prof, early = cProfile.Profile(), cProfile.Profile()  # the catch-up that starts early trains on a thread
+    train = EarlyRetrain._train
+    EarlyRetrain._train = lambda self: early.runcall(train, self)
+    try:
+        t0 = time.perf_counter()
+        prof.runcall(delete, root, [ids[rng.integers(len(ids))].item()])
+        total = time.perf_counter() - t0
+    finally:
+        EarlyRetrain._train = train
     parts: dict[str, float] = {"total": total}
-    for (path, _, func), (_, _, _, cum, _) in pstats.Stats(prof).stats.items():
+    stats = pstats.Stats(prof)
+    if early.getstats():
+        stats.add(early)
+    for (path, _, func), (_, _, _, cum, _) in stats.stats.items():
         label = next((v for (f, fn), v in PARTS.items() if path.endswith(f) and fn == func), None)
         if label:
             parts[label] = parts.get(label, 0.0) + cum
@@ -204,7 +214,8 @@ def _profile_deletion(root: Path, rng) -> dict:
 
 
 def profile_share(profile: dict) -> float:
-    """(deletion wall - retrain wall) / deletion wall of one profiled deletion (cProfile inflates both)."""
+    """(deletion wall - retrain wall) / deletion wall of one profiled deletion (cProfile inflates both; the retrain
+    overlaps the rollback, so the parts add up to more than the total)."""
     return (profile["total"] - profile.get("retrain (run_jobs)", 0.0)) / profile["total"]
 
 

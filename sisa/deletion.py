@@ -12,11 +12,13 @@ interrupted at any point (even kill -9) gives the uninterrupted end state.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from .exceptions import IntegrityError
+from .refresh import EarlyRetrain
 from .retraining import catch_up
 from .store.checkpoints import checkpoint_name, fingerprint_chain
 from .store.files import read_checked, sha256_bytes, sha256_file
@@ -54,12 +56,15 @@ def roll_back(
     loaded: Loaded | None = None,
     deferred: bool = False,
     background: bool = False,
+    early: EarlyRetrain | None = None,
 ) -> dict:
     """Erase a journaled request's records and roll its shards back (idempotent); return the journal entry,
     now ``rolled_back``. ``deferred``: the caller asked for no retrain now (``delete --defer``): the retrain
     policy alone decides when. Caller holds the writer lock; ``loaded`` as in :func:`apply_entry`, updated with
     the purged slices. ``background``: the stale checkpoints are renamed away now and removed on a thread
-    (:mod:`sisa.store.garbage`); the caller calls :func:`~sisa.store.garbage.finish_erasure` before it returns."""
+    (:mod:`sisa.store.garbage`); the caller calls :func:`~sisa.store.garbage.finish_erasure` before it returns.
+    ``early``: started on the purged slices before anything is written, so the catch-up trains while the rollback
+    persists; the stale checkpoints are then those the shards' folders held before it started."""
     if entry["status"] != PENDING:
         return entry
     t0 = time.perf_counter()
@@ -78,6 +83,11 @@ def roll_back(
     purged, contents = {}, []
     for s in shards:
         purged.update(_purged_slices(run, index, s, slices[s], loaded, contents, secret))
+    only = None
+    if early is not None:  # the folders' names first: the early retrain adds its own, which are not garbage
+        only = {s: _entries(run.shard_checkpoints(s)) for s in shards}
+        early.start(run.require_manifest(), loaded, slices)
+        only = {s: names - early.names(s) for s, names in only.items()}  # nor is a leftover it trusts
     index.tombstone(contents, "content", entry["request_id"])  # the suppression list (docs/design.md §4.1)
     if removed or contents:
         files.update(index.to_bytes(index.changed))
@@ -86,7 +96,7 @@ def roll_back(
         entry = journal.stage(entry, {rel: sha256_bytes(data) for rel, data in files.items()})
         run.write_files(files)  # tombstones before the index files (see RecordIndex.to_bytes)
     manifest, rolled = _rolled_back_manifest(run, entry, slices, loaded)
-    collect_garbage(run, manifest, shards, background)  # every checkpoint trained on the records: gone
+    collect_garbage(run, manifest, shards, background, only)  # every checkpoint trained on the records: gone
     entry = journal.roll_back(
         entry,
         {
@@ -162,6 +172,10 @@ def _rolled_back_manifest(
         manifest["generation"] = old["generation"] + 1
         run.write_manifest(manifest)
     return manifest, rolled
+
+
+def _entries(folder) -> set[str]:
+    return set(os.listdir(folder)) if folder.is_dir() else set()
 
 
 def _positions_by_hash(

@@ -18,7 +18,7 @@ import time
 
 from .config import duration_s
 from .evaluation import evaluate
-from .refresh import refresh
+from .refresh import EarlyRetrain, refresh
 from .store.journal import ROLLED_BACK, Journal
 from .store.rundir import RunDir
 
@@ -35,7 +35,7 @@ def deadlines(run: RunDir, manifest: dict | None = None) -> dict[int, dict]:
     time (batched: since + max_delay; immediate: now; manual: none) — all Unix times."""
     manifest = manifest or run.require_manifest()
     u = run.config().unlearning
-    created = {e["request_id"]: e["created"] for e in Journal(run.journal_dir).entries()}
+    created = {e["request_id"]: e["created"] for e in Journal(run.journal_dir).open_entries()}
     out = {}
     for s, rb in rolled_back_shards(manifest).items():
         oldest = min((created[r] for r in rb["requests"] if r in created), default=rb["since"])
@@ -104,17 +104,24 @@ def next_due(run: RunDir, now: float | None = None) -> float | None:
 
 
 def catch_up(
-    run: RunDir, shards: list[int] | None = None, reason: str = "manual", loaded: dict | None = None
+    run: RunDir,
+    shards: list[int] | None = None,
+    reason: str = "manual",
+    loaded: dict | None = None,
+    early: EarlyRetrain | None = None,
 ) -> list[dict]:
     """Retrain ``shards`` (default: every rolled-back one) from their first missing checkpoint, then mark every
     request whose shards are all caught up ``applied``; returns their receipts. Idempotent. Caller holds the
-    writer lock. ``loaded``: slice files this process already read and verified (see :func:`sisa.refresh.plan`)."""
+    writer lock. ``loaded``: slice files this process already read and verified (see :func:`sisa.refresh.plan`);
+    ``early``: the training a deletion started during its rollback (:class:`sisa.refresh.EarlyRetrain`)."""
     t0 = time.perf_counter()
     manifest = run.require_manifest()
     rolled = rolled_back_shards(manifest)
     shards = sorted(rolled) if shards is None else sorted(set(shards))
     changed = {s: set() for s in shards}  # the rolled-back manifest already describes the purged data
-    report = refresh(run, shards, metrics=False, changed=changed, loaded=loaded) if shards else None
+    report = (
+        refresh(run, shards, metrics=False, changed=changed, loaded=loaded, early=early) if shards else None
+    )
     jobs = {j.shard: j for j in report.jobs} if report else {}
     samples = {r.shard: r.samples for r in report.results} if report else {}
     steps = {r.shard: r.optimizer_steps for r in report.results} if report else {}

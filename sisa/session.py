@@ -67,6 +67,7 @@ def recover(run: RunDir, locked: bool = False) -> list[dict]:
     journal = Journal(run.journal_dir)
     if (
         not journal.pending()
+        and not journal.unfiled()
         and not temp_leftovers(run.root)
         and not (run.root / "incoming").exists()
         and not _catch_up_owed(run, journal)
@@ -102,6 +103,8 @@ def replay(run: RunDir, journal: Journal, catch_up_due: bool = True) -> list[dic
     now = due(run) if catch_up_due else {}
     if now:
         done.update({r["request_id"]: r for r in catch_up(run, sorted(now), reason="recovery")})
+    for entry in journal.unfiled():  # applied, not yet filed away (see sisa.store.journal)
+        journal.file_away(entry)
     for leftover in temp_leftovers(run.root):  # a crash before the journal write leaves only these
         remove_tree(leftover)
     for staged in incoming_leftovers(run, journal):  # an addition staged but never acknowledged

@@ -9,6 +9,7 @@ catch-up retrain runs now (``unlearning.retrain: immediate``, the default) or la
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import numpy as np
 from .deletion import Loaded, roll_back
 from .duplicates import find_duplicates
 from .exceptions import UnknownRecordError, UsageError
+from .refresh import EarlyRetrain
 from .retraining import catch_up, deadlines, due, rolled_back_shards
 from .session import replay, writer_session
 from .store.checkpoints import load_checkpoint
-from .store.files import read_checked
+from .store.files import read_checked_all
 from .store.garbage import finish_erasure
 from .store.index import RecordIndex, coerce_ids, keyed_id_hashes
 from .store.journal import Journal, new_request_id
@@ -104,17 +106,23 @@ def delete(
         if on_ack:  # with the caller's own already-deleted IDs, which the journal never stores
             on_ack({**entry, "already_deleted": already})
         loaded = dict(loaded)
+        # under `immediate`, the catch-up trains on the purged rows while the rollback persists (docs/design.md §4)
+        early = EarlyRetrain(run, sorted(affected)) if _retrains_now(run, defer) else None
         try:  # the stale checkpoints are removed while the catch-up trains; erased before this returns
-            entry = roll_back(run, entry, index, positions, loaded, deferred=defer, background=True)
+            entry = roll_back(
+                run, entry, index, positions, loaded, deferred=defer, background=True, early=early
+            )
             if on_rollback:
                 on_rollback(entry)
             now = due(run)
             receipts = {}
             if now:  # the retrain uses the slice bytes verified before the acknowledgement
                 receipts = {
-                    r["request_id"]: r for r in catch_up(run, sorted(now), reason="policy", loaded=loaded)
+                    r["request_id"]: r
+                    for r in catch_up(run, sorted(now), reason="policy", loaded=loaded, early=early)
                 }
         finally:
+            _settle_early(early)
             finish_erasure()
         receipt = receipts.get(entry["request_id"]) or rollback_receipt(run, entry)
         receipt["already_deleted"] = already
@@ -176,6 +184,20 @@ def rollback_receipt(run, entry: dict) -> dict:
     }
 
 
+def _retrains_now(run: RunDir, defer: bool) -> bool:
+    return not defer and run.config().unlearning.retrain == "immediate"
+
+
+def _settle_early(early: EarlyRetrain | None) -> None:
+    """Never leave the writer session with the early retrain still writing (an error, or results not taken: its
+    checkpoints stay unnamed, removed or trusted after a full check by the next refresh of their shards)."""
+    if early is not None:
+        with contextlib.suppress(
+            Exception
+        ):  # what the caller raises (or the catch-up that took it) says more
+            early.wait()
+
+
 def _unique(ids: list | None) -> list:
     return list(dict.fromkeys(ids or []))
 
@@ -219,12 +241,14 @@ def _require_retrainable(run: RunDir, manifest: dict, affected: dict[int, int]) 
     it pending. Returns the slices read, which the retrain then uses instead of reading them again."""
     entries = {e["shard"]: e for e in manifest["shards"]}
     slices, n_f = run.config().sharding.slices, len(run.config().data.features)
-    loaded: Loaded = {}
+    keys = [(s, j) for s in affected for j in range(slices)]  # every shard's files in one stream of reads
+    names = [n for s in affected for n in shard_files(s, slices)]
+    items = [(run.root / n, manifest["files"].get(n)) for n in names]
+    loaded: Loaded = {
+        key: (from_bytes(raw, run.root / n, n_f), sha)
+        for key, n, (raw, sha) in zip(keys, names, read_checked_all(items), strict=True)
+    }
     for s, k in affected.items():
-        names = shard_files(s, slices)
-        for j, n in enumerate(names):
-            raw, sha = read_checked(run.root / n, manifest["files"].get(n))
-            loaded[(s, j)] = (from_bytes(raw, run.root / n, n_f), sha)
         k = min(k, len(entries[s]["checkpoints"]))  # a rolled-back shard resumes from its last named one
         if k > 0:
             load_checkpoint(run.shard_checkpoints(s) / entries[s]["checkpoints"][k - 1])

@@ -225,7 +225,7 @@ def test_every_problem_is_reported_and_nothing_changes(trained):
     with pytest.raises(DataError) as err:
         add(run.root, bad)
     assert err.value.problems == [
-        "column 'record_id': duplicate record IDs (np.int64(10)) at rows 0, 1",
+        "column 'record_id': duplicate record IDs (10) at rows 0, 1",
         "column 'label': labels ['z'] are not in the frozen class set ['a', 'b', 'c'] at rows 2 (the class list is "
         "frozen at training (every shard model has one output per class, and a class that only some shards saw "
         "would bias the vote), so a new class needs a new run: `sisa train`)",

@@ -90,6 +90,7 @@ PHASES = [
     (r"remove:checkpoints/shard-", [0]),  # deleting invalidated checkpoints
     (r"rmdir:checkpoints/", [0]),
     (r"torn:journal/", [-1]),  # marking the request applied
+    (r"replace:journal/applied/", [0]),  # applied, not yet filed away
     (r"replaced:journal/", [-1]),
 ]
 
@@ -266,6 +267,31 @@ def test_kill_while_the_stale_checkpoints_are_removed_in_the_background(setup):
         assert_serves_only_unseen(run, setup)
         recover_with_status(run)
         assert_like_reference(run, setup.reference)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        "replaced:data/:1",  # the rollback's first purged slice, the early catch-up training meanwhile
+        "replaced:checkpoints/shard-000/.tmp-stale-:3",  # renaming the stale checkpoints away
+        "write:checkpoints/shard-000/slice-:1",  # the early catch-up's first file, wherever the rollback is
+        "replaced:checkpoints/shard-000/slice-:1",  # its first checkpoint in place, unnamed
+        "replaced:journal/:3",  # rolled back: erased and forgotten, the early checkpoints not named yet
+    ],
+)
+def test_kill_while_the_early_catch_up_trains_beside_the_rollback(setup, at):
+    """With threads on (a prefixed count), the catch-up trains on the purged slices while the rollback writes
+    (sisa.refresh.EarlyRetrain). Kill at a rollback write or at one of its checkpoints: its folders are unnamed
+    until the manifest swap, so recovery ends like the uninterrupted run, and serves only unseen checkpoints."""
+    run = setup.root / f"early-{at.replace(':', '-').replace('/', '')}"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(setup.base.root, run)
+    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--run", str(run), *DELETE_IDS]
+    proc = subprocess.run(cmd, cwd=REPO, env=crash_env(at), capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-500:]
+    assert_serves_only_unseen(run, setup)
+    recover_with_status(run)
+    assert_like_reference(run, setup.reference)
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_journal_entries_hold_keyed_hashes_never_ids(email_run, tmp_path):
     secret = run.secret()
     assert entries[0]["id_hashes"] == sorted(keyed_id_hashes(ids[:2], secret, "record"))
     assert entries[1]["id_hashes"] == keyed_id_hashes([ids[2]], secret, "record")
-    raw = b"".join(p.read_bytes() for p in run.journal_dir.iterdir())
+    raw = b"".join(p.read_bytes() for p in run.journal_dir.rglob("*") if p.is_file())
     for rid in ids:
         assert rid.encode() not in raw
     for e in entries:
@@ -227,3 +227,60 @@ def test_train_resume_on_a_consistent_run_changes_nothing(int_runs, tmp_path):
     _, report = train(run.root, None, resume=True)
     assert report.jobs == [] and report.generation == before["generation"]
     assert run.manifest() == before
+
+
+def test_the_parsed_entry_cache_is_bounded_and_stays_right(tmp_path, monkeypatch):
+    from sisa.store import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "_CACHE", {})
+    monkeypatch.setattr(journal_module, "_MAX_CACHED", 2)
+    paths = []
+    for n in range(5):
+        p = tmp_path / f"e{n}.json"
+        p.write_text(json.dumps({"n": n}))
+        paths.append(p)
+    for _ in range(2):
+        assert [journal_module._read_entry(p)["n"] for p in paths] == list(range(5))
+        assert len(journal_module._CACHE) <= 2
+
+
+def test_applied_entries_are_filed_away_and_the_open_questions_never_read_them(
+    int_runs, tmp_path, monkeypatch
+):
+    from sisa.store import journal as journal_module
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(int_runs[0].root, run.root)
+    ids = list(run.index().active["record_id"][:3])
+    receipts = [delete(run.root, [i]) for i in ids]
+    journal = Journal(run.journal_dir)
+    filed = sorted(p.name for p in (run.journal_dir / "applied").iterdir())
+    assert filed == sorted(f"{r['request_id']}.json" for r in receipts)
+    assert not list(run.journal_dir.glob("*.json"))  # the open folder holds open requests only
+    assert [e["request_id"] for e in journal.entries()] == [r["request_id"] for r in receipts]
+    assert journal.get(receipts[1]["request_id"])["status"] == "applied"
+    read = []
+    real = journal_module._read_entry
+    monkeypatch.setattr(journal_module, "_read_entry", lambda p: read.append(p) or real(p))
+    assert journal.pending() == [] and journal.rolled_back() == [] and journal.pending_shards() == set()
+    assert read == []  # no stat, no parse: the cost of a deletion does not grow with the history
+
+
+def test_an_applied_entry_left_in_the_open_folder_reads_applied_and_is_filed_by_the_next_writer(
+    int_runs, tmp_path
+):
+    """A crash between the applied write and its rename, or a run from before journal/applied/."""
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(int_runs[0].root, run.root)
+    first = delete(run.root, list(run.index().active["record_id"][:1]))
+    journal = Journal(run.journal_dir)
+    rid = first["request_id"]
+    os.replace(journal.filed_path(rid), journal.path(rid))
+    assert [e["request_id"] for e in journal.unfiled()] == [rid]
+    assert journal.pending() == [] and [e["status"] for e in journal.entries()] == ["applied"]
+    second = delete(run.root, list(run.index().active["record_id"][:1]))  # its writer session files it away
+    assert journal.unfiled() == [] and not journal.path(rid).exists()
+    assert [e["request_id"] for e in journal.entries()] == [rid, second["request_id"]]
+    os.replace(journal.filed_path(rid), journal.path(rid))
+    assert [r["request_id"] for r in deletion_log(run.root)] == [rid, second["request_id"]]  # listed once
+    assert journal.unfiled() == []  # a reader replays when no writer holds the lock

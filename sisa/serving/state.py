@@ -220,10 +220,12 @@ class ServingState:
         stamp = self._stamp()
         # the journal before the manifest: a request is marked rolled back only after its rolled-back manifest is
         # in place, so a shard whose request reads as rolled back is never served from an older generation
-        entries = self.journal.entries()
+        entries = self.journal.open_entries()  # the open requests alone: not the whole history
         manifest = self.run.require_manifest()
-        applied = {e["request_id"] for e in entries if e["status"] != PENDING}
-        self._acked = {r: s for r, s in self._acked.items() if r not in applied}
+        pending = {
+            e["request_id"] for e in entries if e["status"] == PENDING
+        }  # acked ones are in the journal
+        self._acked = {r: s for r, s in self._acked.items() if r in pending}
         excluded = {  # strict mode: a pending deletion's shards; a pending addition's shards never saw its rows
             int(s) for e in entries if e["status"] == PENDING and kind_of(e) == "delete" for s in e["shards"]
         }

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,29 @@ def read_checked(path: Path, sha256: str | Collection[str] | None = None) -> tup
     if allowed is not None and digest not in allowed:
         raise IntegrityError(path, "checksum mismatch (file changed or truncated)")
     return data, digest
+
+
+def read_checked_all(
+    items: list[tuple[Path, str | Collection[str] | None]],
+) -> Iterator[tuple[bytes, str]]:
+    """:func:`read_checked` of each ``(path, sha256)``, yielded in order; two files are read and hashed at a time
+    on threads (both release the GIL) while the caller parses the last one. The first bad file in order raises."""
+    if len(items) < 2:
+        yield from (read_checked(p, sha) for p, sha in items)
+        return
+    yield from _readers().map(lambda item: read_checked(*item), items)
+
+
+_READERS: list[ThreadPoolExecutor] = []  # one per process: a forked child starts its own
+
+
+def _readers() -> ThreadPoolExecutor:
+    if not _READERS:
+        _READERS.append(ThreadPoolExecutor(2, thread_name_prefix="sisa-read"))
+    return _READERS[0]
+
+
+os.register_at_fork(after_in_child=_READERS.clear)
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> str:

@@ -24,17 +24,35 @@ STALE_PREFIX = f"{TMP_PREFIX}stale-"
 _pending: list[tuple[threading.Thread, list[BaseException]]] = []  # background removals of this process
 
 
-def collect_garbage(run: RunDir, manifest: dict, shards: list[int], background: bool = False) -> None:
+def collect_garbage(
+    run: RunDir,
+    manifest: dict,
+    shards: list[int],
+    background: bool = False,
+    only: dict[int, set[str]] | None = None,
+) -> None:
     """Delete every checkpoint folder of ``shards`` that ``manifest`` does not name (real erasure) and the
     shards' temp leftovers; each shard's folder is fsynced once, after its removals (``background``: after its
-    renames, the removals following on a thread: see the module docstring)."""
+    renames, the removals following on a thread: see the module docstring). ``only``: per shard, the names its
+    checkpoint folder held before a retrain began writing there (:class:`sisa.refresh.EarlyRetrain`): nothing
+    else in it is touched, not even that retrain's temp folders."""
     finish_erasure()
     live = {e["shard"]: set(e["checkpoints"]) for e in manifest["shards"]}
     trash: list[tuple[Path, list[Path]]] = []
     for s in shards:
         folder = run.shard_checkpoints(s)
-        clean_temp_files(folder)
-        stale = [p for p in folder.iterdir() if p.name not in live.get(s, set())] if folder.is_dir() else []
+        if only is None:
+            clean_temp_files(folder)
+        stale = (
+            [
+                p
+                for p in folder.iterdir()
+                if p.name not in live.get(s, set())
+                and (only is None or (p.name in only.get(s, ()) and not p.name.startswith(TMP_PREFIX)))
+            ]
+            if folder.is_dir()
+            else []
+        )
         if background and stale:
             moved = [p.with_name(STALE_PREFIX + p.name) for p in stale]
             for src, dst in zip(stale, moved, strict=True):

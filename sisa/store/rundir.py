@@ -10,7 +10,8 @@ runs/<name>/
   checkpoints/shard-SSS/slice-KKK-<fingerprint16>/   see sisa.store.checkpoints
   manifest.json              the live generation: per shard, its checkpoint chain and slice digests; checksums of
                              every data and index file
-  journal/<request>.json     deletion requests: pending -> applied, with receipts (keyed hashes only)
+  journal/<request>.json     open requests: pending -> rolled_back -> applied (keyed hashes only)
+  journal/applied/<request>.json   applied ones, with receipts, filed away (see sisa.store.journal)
   metrics.json               test accuracy of a generation no training scored, computed lazily by `status`
   lock                       the writer lock (flock)
 ```
@@ -46,7 +47,6 @@ class RunDir:
     def __init__(self, root: str | Path, runtime: list[str] | tuple[str, ...] = ()):
         self.root = Path(root)
         self.runtime = tuple(runtime)
-        self._config: tuple[tuple, Config] | None = None  # (config.yaml's stat key, its Config)
 
     # ---- paths ------------------------------------------------------------------------------------------------
     config_path = property(lambda self: self.root / "config.yaml")
@@ -91,15 +91,18 @@ class RunDir:
             )
 
     def config(self) -> Config:
-        """The frozen config with this process's runtime overrides; parsed once per file version and shared by
-        every caller, its digest computed once: treat it as read-only."""
+        """The frozen config with this process's runtime overrides; parsed once per file version and runtime in
+        this process (every ``RunDir`` of the run shares it), its digest computed once: treat it as read-only."""
         self.require()
-        key = _stat_key(self.config_path)
-        if self._config is None or self._config[0] != key:
+        key, slot = _stat_key(self.config_path), (str(self.config_path), self.runtime)
+        hit = _CONFIGS.get(slot)
+        if hit is None or hit[0] != key:
             config = Config.from_dict(_read_yaml(self.config_path))
             config = config.with_runtime(self.runtime) if self.runtime else config
-            self._config = (key, config.frozen_digest())
-        return self._config[1]
+            if len(_CONFIGS) >= _MAX_CONFIGS:
+                _CONFIGS.clear()
+            hit = _CONFIGS[slot] = (key, config.frozen_digest())
+        return hit[1]
 
     def secret(self) -> bytes:
         data = self.secret_path.read_bytes()
@@ -214,6 +217,8 @@ class RunDir:
 
 
 _YAML_CACHE: dict[str, tuple[tuple[int, int, int], dict]] = {}
+_CONFIGS: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, int, int], Config]] = {}  # see RunDir.config
+_MAX_CONFIGS = 64  # runs x runtime overrides one process reads (a test session: hundreds of runs)
 
 
 def _read_yaml(path: Path) -> dict:

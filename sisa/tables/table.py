@@ -201,7 +201,7 @@ def _check_ids(df: pd.DataFrame, col: str, problems: list[str]) -> pd.Series:
         ids = ids.astype("string")
     dup = ids.duplicated(keep=False).to_numpy() & ~ids.isna().to_numpy()
     if dup.any():
-        examples = ", ".join(repr(v) for v in pd.unique(ids[dup])[:5])
+        examples = ", ".join(repr(_plain(v)) for v in pd.unique(ids[dup])[:5])
         problems.append(f"column {col!r}: duplicate record IDs ({examples}) at {_rows(dup)}")
     return ids
 

@@ -28,7 +28,7 @@ from ..config import Config
 from ..store.barrier import writes_drained
 from ..store.checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
 from ..store.shardfile import ShardData
-from .models import fit_prefix, shard_model
+from .models import fit_prefix, seed_global_rng, shard_model
 from .optim import Optimizer
 
 
@@ -182,13 +182,14 @@ def _train_shard(spec: TrainSpec, job: ShardJob, data: ShardData, executor: str)
     configure_torch(spec)
     t0 = time.perf_counter()
     model, opt = initial_state(spec, job, data)
-    X = torch.as_tensor(np.array(data.features, dtype=np.float32, copy=True), device=spec.device)
-    y = torch.as_tensor(np.array(data.labels, dtype=np.int64, copy=True), device=spec.device)
+    # copied only when not already a writable float32 array of its own (refresh.plan builds one per shard)
+    X = torch.as_tensor(np.require(data.features, np.float32, ["C", "W"]), device=spec.device)
+    y = torch.as_tensor(np.require(data.labels, np.int64, ["C", "W"]), device=spec.device)
     result = ShardResult(job.shard, job.from_slice)
     model.train()
     for event in shard_schedule(spec.config, job, data):
         if isinstance(event, EpochStart):
-            torch.manual_seed(event.dropout_seed)
+            seed_global_rng(event.dropout_seed, spec.device)
         elif isinstance(event, Batch):
             idx = event.rows.to(spec.device)
             for p in model.parameters():
