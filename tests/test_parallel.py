@@ -47,6 +47,18 @@ def test_n_jobs_2_trains_and_retrains_bit_identical_to_sequential(tmp_path, tabu
     assert_runs_identical(fresh, par_run)
 
 
+def test_warm_workers_starts_the_pool_a_retrain_would_use_and_only_then(tmp_path, tabular):
+    from joblib import Parallel, delayed
+
+    from sisa.train.executors import _ready, warm_workers
+
+    assert warm_workers(small_config()) == 0  # n_jobs=1: the retrain runs in this process
+    assert warm_workers(small_config(training={"backend": "dask", "n_jobs": 2})) == 0
+    assert warm_workers(small_config(training={"n_jobs": 2})) == 2
+    pids = set(Parallel(n_jobs=2, backend="loky", max_nbytes=None)(delayed(_ready)() for _ in range(4)))
+    assert pids and os.getpid() not in pids  # worker processes, with the training code imported
+
+
 def test_work_units_split_jobs_without_changing_them(tmp_path, tabular):
     cfg = small_config(training={"executor": "loop"}, sharding={"shards": 5})
     run, _ = train(tmp_path / "run", cfg, tabular)

@@ -505,3 +505,18 @@ def test_listen_socket_is_tcp_and_reports_a_busy_port():
             listen_socket("127.0.0.1", port)
     finally:
         sock.close()
+
+
+def test_the_deletion_worker_starts_the_runs_retrain_workers_before_the_first_deletion(run_dir, monkeypatch):
+    from sisa.serving import worker as worker_module
+
+    warmed = threading.Event()
+    seen = []
+    monkeypatch.setattr(worker_module, "warm_workers", lambda config: seen.append(config) or warmed.set())
+    worker = worker_module.DeletionWorker(RunDir(run_dir, ["training.n_jobs=2"]), gate=None)
+    worker.start()
+    try:
+        assert warmed.wait(30)
+        assert seen[0].training.n_jobs == 2  # the run's config with the server's runtime overrides
+    finally:
+        worker.stop()

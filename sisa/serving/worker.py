@@ -24,6 +24,7 @@ from ..retraining import next_due
 from ..session import recover
 from ..store.journal import Journal, new_request_id
 from ..store.rundir import RunDir
+from ..train.executors import warm_workers
 from ..unlearning import delete
 
 log = logging.getLogger("sisa.serving.state")
@@ -106,6 +107,10 @@ class DeletionWorker:
 
     def _loop(self) -> None:
         _warm_up()
+        try:  # a run retrained by worker processes (training.n_jobs > 1): start them now, not in a deletion
+            warm_workers(self.run.config())
+        except Exception as exc:  # only an optimisation: the first retrain starts them itself
+            log.warning("could not start the retrain workers ahead: %s", exc)
         self._plan_policy()
         while True:
             times = [t for t in (self._retry_at, self._policy_at) if t is not None]

@@ -111,6 +111,24 @@ def _run_joblib(
     return done
 
 
+def warm_workers(config) -> int:
+    """Start the joblib workers a retrain under ``config`` would use (``n_jobs > 1``, local backend) and import
+    the training code in each, so a long-lived process (the server) pays the pool's start before its first
+    deletion, not inside it. Returns the workers started (0: the retrain runs in this process or on Dask)."""
+    t = config.training
+    if t.backend == "dask" or t.n_jobs <= 1:
+        return 0
+    from joblib import Parallel, delayed
+
+    Parallel(n_jobs=t.n_jobs, backend="loky", max_nbytes=None)(delayed(_ready)() for _ in range(t.n_jobs))
+    return t.n_jobs
+
+
+def _ready() -> int:
+    """Run in a worker: unpickling this function imports this module, so torch and the training code."""
+    return os.getpid()
+
+
 # ---- Dask distributed ------------------------------------------------------------------------------------------
 _CLIENTS: dict[str, object] = {}
 _TRAIN_LOCK = threading.Lock()
