@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end (slow: `make test-all`); their numbers are checked by reading the JSON."""
+"""The benchmark scripts run end to end (most slow: `make test-all`); their numbers are checked by reading the JSON."""
 
 from __future__ import annotations
 
@@ -54,6 +54,17 @@ def test_tiny_deletion_sections_write_their_keys(tmp_path):
         assert 0 < hand["retrain_seconds"] < hand["deletion_seconds"]
     assert result["train_peak_rss_vs_features"] > result["train_peak_rss_above_imports_vs_features"] > 0
     assert "hand-written torch loop" in proc.stdout and "overhead share" in proc.stdout
+
+
+def test_profile_delete_prints_the_share_and_the_timeline_of_one_deletion():
+    cmd = [sys.executable, "scripts/profile_delete.py", "1600", "4", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "deletion_overhead_share (3 unprofiled deletions)" in proc.stdout
+    timeline = proc.stdout.split("timeline of the third deletion")[1].split("\n\n")[0]
+    labels = [line.split("  ")[-1] for line in timeline.splitlines()[1:]]
+    assert labels[:3] == ["read index", "find the IDs", "verified reads"]
+    assert "catch-up training (its thread)" in labels and labels[-1] == "journal: applied"
 
 
 # ---- the pieces the deletion and memory sections are built from (fast) -----------------------------------------
