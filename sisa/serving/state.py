@@ -222,9 +222,8 @@ class ServingState:
         # in place, so a shard whose request reads as rolled back is never served from an older generation
         entries = self.journal.open_entries()  # the open requests alone: not the whole history
         manifest = self.run.require_manifest()
-        pending = {
-            e["request_id"] for e in entries if e["status"] == PENDING
-        }  # acked ones are in the journal
+        # a request acknowledged here is in the journal from its ack on: not pending there = rolled back or applied
+        pending = {e["request_id"] for e in entries if e["status"] == PENDING}
         self._acked = {r: s for r, s in self._acked.items() if r in pending}
         excluded = {  # strict mode: a pending deletion's shards; a pending addition's shards never saw its rows
             int(s) for e in entries if e["status"] == PENDING and kind_of(e) == "delete" for s in e["shards"]

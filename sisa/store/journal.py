@@ -114,10 +114,8 @@ class Journal:
         replace_path(self.path(entry["request_id"]), self.filed_path(entry["request_id"]), sync=False)
 
     def get(self, request_id: str) -> dict | None:
-        for p in (
-            self.path(request_id),
-            self.filed_path(request_id),
-        ):  # open first: it may be filed meanwhile
+        # the open place first: an entry filed away meanwhile is then found in applied/
+        for p in (self.path(request_id), self.filed_path(request_id)):
             try:
                 return read_json(p)
             except FileNotFoundError:
