@@ -144,6 +144,23 @@ def test_tombstones_answer_already_deleted_without_plain_ids(tmp_path):
         assert hashlib.sha256(b"person7@example.org").hexdigest().encode() not in blob
 
 
+def test_a_hash_is_tombstoned_once_its_first_tombstone_kept_and_the_file_round_trips(tmp_path):
+    idx = build(emails(30))
+    idx.remove(idx.positions_of(["person1@example.org", "person2@example.org"]), SECRET, "req-1")
+    first = list(idx.tombstones["id_hash"])
+    idx.tombstone(["c" * 64, first[0], "c" * 64, "d" * 64], "content", "req-2")
+    got = idx.tombstones[["id_hash", "kind", "request_id"]].values.tolist()
+    assert got == [
+        [first[0], "record", "req-1"],  # already there: its first tombstone stays
+        [first[1], "record", "req-1"],
+        ["c" * 64, "content", "req-2"],  # new ones once each, in the order given
+        ["d" * 64, "content", "req-2"],
+    ]
+    shas = idx.save(tmp_path, SHARDS)
+    again = RecordIndex.load(reader(tmp_path, shas), SHARDS)
+    assert again.tombstones[["id_hash", "kind", "request_id"]].values.tolist() == got
+
+
 def test_int_ids_tombstoned_by_canonical_text():
     idx = build(pd.Series(np.arange(10)))
     idx.remove(idx.positions_of([4]), SECRET, "r")

@@ -89,7 +89,9 @@ class RecordIndex:
         """The tombstones' and the given shards' index files, in memory, tombstones first (the order they are
         written in: a crash in between leaves records both tombstoned and active, which the journal's replay
         resolves by removing them again)."""
-        tomb = self.tombstones[TOMBSTONE_COLUMNS].astype({c: "string" for c in TOMBSTONE_COLUMNS})
+        tomb = self.tombstones[
+            TOMBSTONE_COLUMNS
+        ]  # converted column by column, as strings (no pandas copy first)
         out = {TOMBSTONES_FILE: ipc_bytes(_table(tomb, {c: pa.string() for c in TOMBSTONE_COLUMNS}))}
         wanted = sorted(set(shards))
         column = self.active["shard"].to_numpy()
@@ -166,7 +168,7 @@ class RecordIndex:
             rows.append(
                 pd.DataFrame({"id_hash": list(subject_hashes), "kind": "subject", "request_id": request_id})
             )
-        self.tombstones = pd.concat([self.tombstones, *rows], ignore_index=True).drop_duplicates("id_hash")
+        self._add_tombstones(pd.concat(rows, ignore_index=True))
         keep = np.ones(len(self.active), dtype=bool)
         keep[positions] = False
         self.changed |= {int(s) for s in gone["shard"].unique()}
@@ -175,8 +177,19 @@ class RecordIndex:
     def tombstone(self, hashes: list[str], kind: str, request_id: str) -> None:
         """Add keyed hashes of another kind (``content``: a deleted row's features and label) to the tombstones."""
         if hashes:
-            rows = pd.DataFrame({"id_hash": list(hashes), "kind": kind, "request_id": request_id})
-            self.tombstones = pd.concat([self.tombstones, rows], ignore_index=True).drop_duplicates("id_hash")
+            self._add_tombstones(
+                pd.DataFrame({"id_hash": list(hashes), "kind": kind, "request_id": request_id})
+            )
+
+    def _add_tombstones(self, rows: pd.DataFrame) -> None:
+        """Append the rows whose hash is not tombstoned yet (the first tombstone of a hash stays), checking the
+        few new hashes against the many old ones rather than deduplicating the whole table again."""
+        rows = rows.drop_duplicates("id_hash")
+        old = self.tombstones["id_hash"]  # isin the few new ones: pandas is slow the other way round
+        known = set(old[old.isin(rows["id_hash"].tolist())].tolist())
+        rows = rows.loc[[h not in known for h in rows["id_hash"]]]
+        if len(rows):
+            self.tombstones = pd.concat([self.tombstones, rows], ignore_index=True)
 
     def untombstone(self, hashes: list[str]) -> None:
         """Drop tombstones (a returning person readmitted with ``allow_returning``: the ID is active again)."""
