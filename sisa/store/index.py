@@ -184,10 +184,13 @@ class RecordIndex:
     def _add_tombstones(self, rows: pd.DataFrame) -> None:
         """Append the rows whose hash is not tombstoned yet (the first tombstone of a hash stays), checking the
         few new hashes against the many old ones rather than deduplicating the whole table again."""
-        rows = rows.drop_duplicates("id_hash")
-        old = self.tombstones["id_hash"]  # isin the few new ones: pandas is slow the other way round
-        known = set(old[old.isin(rows["id_hash"].tolist())].tolist())
-        rows = rows.loc[[h not in known for h in rows["id_hash"]]]
+        hashes, old = rows["id_hash"].tolist(), self.tombstones["id_hash"]
+        seen = set(old[old.isin(hashes)].tolist()) if len(old) else set()  # isin the few: fast this way round
+        fresh = []  # not tombstoned yet, and the first of its repeats in ``rows``
+        for h in hashes:
+            fresh.append(h not in seen)
+            seen.add(h)
+        rows = rows if all(fresh) else rows.loc[fresh]
         if len(rows):
             self.tombstones = pd.concat([self.tombstones, rows], ignore_index=True)
 
