@@ -89,9 +89,8 @@ class RecordIndex:
         """The tombstones' and the given shards' index files, in memory, tombstones first (the order they are
         written in: a crash in between leaves records both tombstoned and active, which the journal's replay
         resolves by removing them again)."""
-        tomb = self.tombstones[
-            TOMBSTONE_COLUMNS
-        ]  # converted column by column, as strings (no pandas copy first)
+        # converted column by column, as strings (no pandas copy first)
+        tomb = self.tombstones[TOMBSTONE_COLUMNS]
         out = {TOMBSTONES_FILE: ipc_bytes(_table(tomb, {c: pa.string() for c in TOMBSTONE_COLUMNS}))}
         wanted = sorted(set(shards))
         column = self.active["shard"].to_numpy()
